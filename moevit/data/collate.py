@@ -1,0 +1,79 @@
+"""Collate functions: lists of transformed sample dicts -> batch dicts, one function per task type.
+
+Batches are plain tensors (tv_tensor wrappers removed) plus Python lists:
+
+- classification: ``{"images": (B, 3, H, W) float, "labels": (B,) int64, "keys", "num_skipped"}``
+- detection: ``{"images", "targets": [{"boxes": (N, 4) float XYXY in the transformed image's pixels,
+  "labels": (N,) int64}, ...], "image_ids": list[int], "keys", "num_skipped"}``
+- segmentation: ``{"images", "masks": (B, H, W) int64 (255 = ignore), "keys", "num_skipped"}``
+
+``num_skipped`` sums the samples' ``"num_skipped"`` (set by ``SkipCorrupt``; 0 when absent): the number
+of corrupt samples passed over to fill this batch, carried out of the DataLoader workers this way.
+The functions are module-level so DataLoader workers can pickle them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def _stack_images(samples: Sequence[dict]) -> torch.Tensor:
+    shapes = {tuple(sample["image"].shape) for sample in samples}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"cannot stack images of shapes {sorted(shapes)} (keys {[s.get('key') for s in samples]}); "
+            "apply moevit.data.transforms.build_transforms first so every image has the same size"
+        )
+    return torch.stack([sample["image"].as_subclass(torch.Tensor) for sample in samples])
+
+
+def _common(samples: Sequence[dict]) -> dict:
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    return {
+        "images": _stack_images(samples),
+        "keys": [sample.get("key") for sample in samples],
+        "num_skipped": sum(sample.get("num_skipped", 0) for sample in samples),
+    }
+
+
+def collate_classification(samples: Sequence[dict]) -> dict:
+    batch = _common(samples)
+    batch["labels"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.int64)
+    return batch
+
+
+def collate_detection(samples: Sequence[dict]) -> dict:
+    batch = _common(samples)
+    batch["targets"] = [
+        {
+            "boxes": sample["boxes"].as_subclass(torch.Tensor).to(torch.float32),
+            "labels": sample["labels"].to(torch.int64),
+        }
+        for sample in samples
+    ]
+    batch["image_ids"] = [int(sample["image_id"]) for sample in samples]
+    return batch
+
+
+def collate_segmentation(samples: Sequence[dict]) -> dict:
+    batch = _common(samples)
+    masks = [sample["mask"].as_subclass(torch.Tensor) for sample in samples]
+    batch["masks"] = torch.stack(masks).to(torch.int64)
+    return batch
+
+
+COLLATE_FUNCTIONS: dict[str, Callable[[Sequence[dict]], dict]] = {
+    "classification": collate_classification,
+    "detection": collate_detection,
+    "segmentation": collate_segmentation,
+}
+
+
+def collate_for_task(task_type: str) -> Callable[[Sequence[dict]], dict]:
+    """Returns the collate function of "classification", "detection" or "segmentation"."""
+    if task_type not in COLLATE_FUNCTIONS:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(COLLATE_FUNCTIONS)}")
+    return COLLATE_FUNCTIONS[task_type]

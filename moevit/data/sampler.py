@@ -1,0 +1,153 @@
+"""Endless, resumable, distributed index sampler over a map-style dataset.
+
+Same split as ``torch.utils.data.DistributedSampler``: in epoch ``e`` the indices ``0..N-1`` are
+permuted by a generator seeded from ``(seed, e)`` (identity with ``shuffle=False``), padded by wrapping
+around to a multiple of ``world_size``, and rank ``r`` takes the strided slice ``r::world_size``. Ranks
+therefore read disjoint samples (up to the padding) and the same number of them per epoch.
+
+Unlike torch's sampler, the stream is endless (epoch ``e + 1`` follows epoch ``e`` without a
+``set_epoch`` call) and its position is state: ``state_dict()`` holds the epoch and the position within
+this rank's slice of it, and ``load_state_dict()`` jumps there directly, because every epoch's order is
+recomputed from ``(seed, epoch)`` and nothing from earlier epochs needs replaying. The position is the
+same on every rank (ranks advance in lock step), so one rank's state restores them all.
+
+:class:`ResumableBatchSampler` groups the stream into lists of ``batch_size`` indices, to be passed as
+a DataLoader's ``batch_sampler``. Batches run across epoch boundaries, so every batch is full.
+"""
+
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
+
+_GEOMETRY_KEYS = ("dataset_size", "world_size", "shuffle", "seed")
+
+
+class ResumableDistributedSampler:
+    """Yields this rank's dataset indices forever, epoch after epoch, from a restorable position.
+
+    A DataLoader draws indices ahead of the trainer (prefetching), so ``state_dict()`` describes what
+    was *drawn*; a trainer that must resume from what it *consumed* computes that state with
+    :meth:`state_at`. Only one iterator should be active at a time: ``iter()`` continues from the
+    current position.
+
+    Args:
+        dataset_size: number of samples N of the dataset (> 0).
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel ranks that split the dataset.
+        shuffle: permute each epoch; ``False`` walks the indices in order.
+        seed: seed of the per-epoch permutations; every rank must use the same one.
+    """
+
+    def __init__(
+        self, dataset_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0
+    ):
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
+            raise ValueError(
+                f"ResumableDistributedSampler: dataset_size must be an int > 0, got {dataset_size!r}"
+            )
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+            raise ValueError(
+                f"ResumableDistributedSampler: world_size must be an int > 0, got {world_size!r}"
+            )
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"ResumableDistributedSampler: rank must be in [0, {world_size}), got {rank!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"ResumableDistributedSampler: seed must be an int >= 0, got {seed!r}")
+        self.dataset_size = dataset_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        # Each rank gets ceil(N / world_size) indices per epoch; the short ranks are padded by wrapping.
+        self.samples_per_epoch = -(-dataset_size // world_size)
+        self._offset = 0
+        self._cached_epoch = -1
+        self._cached_indices = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next index comes from."""
+        return self._offset // self.samples_per_epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's indices for ``epoch``, in the order they are yielded."""
+        if epoch != self._cached_epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
+            else:
+                order = np.arange(self.dataset_size)
+            # np.resize repeats the array cyclically: the padding torch's DistributedSampler adds.
+            padded = np.resize(order, self.samples_per_epoch * self.world_size)
+            self._cached_indices = padded[self.rank :: self.world_size]
+            self._cached_epoch = epoch
+        return self._cached_indices
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            epoch, position = divmod(self._offset, self.samples_per_epoch)
+            for index in self.epoch_indices(epoch)[position:].tolist():
+                self._offset += 1
+                yield index
+
+    def state_at(self, num_samples: int) -> dict[str, int | bool]:
+        """The state after ``num_samples`` indices have been drawn from the start of the stream."""
+        if num_samples < 0:
+            raise ValueError(f"state_at needs num_samples >= 0, got {num_samples}")
+        epoch, position = divmod(num_samples, self.samples_per_epoch)
+        return {
+            "epoch": epoch,
+            "position": position,
+            "dataset_size": self.dataset_size,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """Epoch and position of the next index, with the geometry they are valid for."""
+        return self.state_at(self._offset)
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        """Continue from a saved state; it must come from a sampler with the same geometry."""
+        missing = [k for k in ("epoch", "position", *_GEOMETRY_KEYS) if k not in state]
+        if missing:
+            raise KeyError(f"sampler state lacks keys {missing}; got keys {sorted(state)}")
+        mismatched = {k: (state[k], getattr(self, k)) for k in _GEOMETRY_KEYS if state[k] != getattr(self, k)}
+        if mismatched:
+            details = ", ".join(
+                f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in mismatched.items()
+            )
+            raise ValueError(
+                f"sampler state does not fit this sampler ({details}); the saved order cannot be resumed"
+            )
+        epoch, position = state["epoch"], state["position"]
+        if epoch < 0 or not 0 <= position < self.samples_per_epoch:
+            raise ValueError(
+                f"sampler state out of range: epoch {epoch} (>= 0), position {position} "
+                f"(in [0, {self.samples_per_epoch}))"
+            )
+        self._offset = epoch * self.samples_per_epoch + position
+
+
+class ResumableBatchSampler:
+    """Endless batches of ``batch_size`` indices from a :class:`ResumableDistributedSampler`.
+
+    Its state is the sampler's: positions are counted in samples, so a state saved with one batch
+    size can be resumed with another.
+
+    Args:
+        sampler: the index stream to group.
+        batch_size: indices per batch (> 0).
+    """
+
+    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"ResumableBatchSampler: batch_size must be an int > 0, got {batch_size!r}")
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = iter(self.sampler)
+        while True:
+            yield list(islice(indices, self.batch_size))

@@ -1,0 +1,239 @@
+"""Sparse Mixture-of-Experts Vision Transformer with task-conditioned routing.
+
+A ViT (Dosovitskiy et al. 2021) made of timm's parts: patch embedding, attention blocks, norms
+and position-embedding resampling. Selected blocks replace their MLP with `MoEMlp` (experts
+shared by all tasks, one router per task, as in Mod-Squad, Chen et al. CVPR 2023) and,
+optionally, their attention with a mixture of attention heads. Parameter names follow timm's
+`VisionTransformer`, so dense weights load by name (see `upcycle.py`).
+
+Single-device code: expert parallelism is applied from outside (moevit.parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
+from timm.models.vision_transformer import init_weights_vit_timm
+from torch import nn
+
+from moevit.layers.moe_attention import MoEAttention
+from moevit.layers.moe_mlp import MoEMlp
+from moevit.layers.router import Routing, TaskRouter
+from moevit.models.block import TaskBlock, routes_tasks
+from moevit.models.placement import resolve_moe_layers
+
+
+@dataclass
+class BackboneOutput:
+    tokens: torch.Tensor  # (B, prefix + N, D), after the final norm
+    intermediates: list[torch.Tensor] = field(default_factory=list)  # (B, D, H, W) per requested block
+    routing: dict[str, Routing] = field(default_factory=dict)  # "blocks.3.mlp" -> its routing
+
+
+class MoEViT(nn.Module):
+    """ViT backbone whose MoE layers route tokens with one gate per task.
+
+    Args:
+        tasks: task names; each MoE layer gets one router per task.
+        img_size: training resolution; other sizes resample the position embedding.
+        patch_size: patch edge in pixels.
+        in_chans: input channels.
+        embed_dim: token width (D).
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: dense MLP hidden width as a multiple of D.
+        qkv_bias: bias on the qkv projection (timm's ViT default).
+        num_experts: experts per MoE layer (E), shared by all tasks.
+        top_k: experts per token (K).
+        expert_hidden: hidden width of one expert; None keeps the dense MLP's width, so a dense
+            ViT's MLP weights can initialise every expert (upcycling).
+        moe_layers: which blocks are MoE, see `placement.resolve_moe_layers`.
+        task_embedding: add a learned, zero-initialised per-task vector to every token.
+        attention_experts: experts of the optional mixture of attention heads on MoE blocks (0 = off).
+        attention_top_k: head experts per token when `attention_experts` > 0.
+        attention_head_dim: width of one head expert.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        class_token: prepend a class token (timm's default ViT).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_experts: int = 8,
+        top_k: int = 2,
+        expert_hidden: int | None = None,
+        moe_layers: str | Sequence[int] = "every:2",
+        task_embedding: bool = False,
+        attention_experts: int = 0,
+        attention_top_k: int = 2,
+        attention_head_dim: int = 64,
+        drop_path_rate: float = 0.0,
+        class_token: bool = True,
+    ):
+        super().__init__()
+        if not tasks:
+            raise ValueError("MoEViT needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names repeat: {list(tasks)}")
+        self.tasks = list(tasks)
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
+        expert_hidden = expert_hidden or int(embed_dim * mlp_ratio)
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            output_fmt="NHWC",  # keeps the grid shape for position-embedding resampling
+            strict_img_size=False,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.task_embed = (
+            nn.ParameterDict({task: nn.Parameter(torch.zeros(1, 1, embed_dim)) for task in self.tasks})
+            if task_embedding
+            else None
+        )
+
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            block = TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path[i])
+            if i in self.moe_layer_indices:
+                block.mlp = MoEMlp(embed_dim, expert_hidden, num_experts, top_k, self.tasks)
+                if attention_experts:
+                    block.attn = MoEAttention(
+                        embed_dim,
+                        attention_experts,
+                        attention_top_k,
+                        attention_head_dim,
+                        self.tasks,
+                        qkv_bias,
+                    )
+            self.blocks.append(block)
+        self.norm = LayerNorm(embed_dim)  # timm's, eps=1e-6 like its ViT
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm's ViT init. Experts initialise themselves the same way; gates stay at zero
+        # (uniform routing at the start).
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_weights_vit_timm(module)
+
+    # ----------------------------------------------------------------- forward
+    def forward_backbone(
+        self, x: torch.Tensor, task: str, intermediate_indices: int | Sequence[int] = ()
+    ) -> BackboneOutput:
+        """Tokens, optional intermediate feature maps, and the routing of every task-routed layer.
+
+        Args:
+            x: images (B, C, H, W); any size divisible by the patch size.
+            task: which routers to use.
+            intermediate_indices: blocks whose outputs to return as (B, D, H/p, W/p) maps: an int
+                n means the last n blocks, a sequence names block indices.
+        """
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; this model has {self.tasks}")
+        wanted = self._intermediate_set(intermediate_indices)
+        x = self.patch_embed(x)
+        batch, grid_h, grid_w, dim = x.shape
+        x = self._add_position_and_prefix(x.reshape(batch, grid_h * grid_w, dim), (grid_h, grid_w))
+        if self.task_embed is not None:
+            x = x + self.task_embed[task]
+
+        out = BackboneOutput(tokens=x)
+        for i, block in enumerate(self.blocks):
+            x, block_routing = block(x, task)
+            for name, routing in block_routing.items():
+                out.routing[f"blocks.{i}.{name}"] = routing
+            if i in wanted:
+                spatial = x[:, self.num_prefix_tokens :].reshape(batch, grid_h, grid_w, dim)
+                out.intermediates.append(spatial.permute(0, 3, 1, 2).contiguous())
+        out.tokens = self.norm(x)
+        return out
+
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Normalised tokens (B, prefix + N, D), like timm's `forward_features`."""
+        return self.forward_backbone(x, task).tokens
+
+    def forward_intermediates(
+        self, x: torch.Tensor, task: str, indices: int | Sequence[int] = 4
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(final tokens, feature maps) for dense heads; `indices` as in timm."""
+        out = self.forward_backbone(x, task, indices)
+        return out.tokens, out.intermediates
+
+    def _intermediate_set(self, indices: int | Sequence[int]) -> set[int]:
+        depth = len(self.blocks)
+        if isinstance(indices, int):
+            return set(range(depth - indices, depth))
+        return {i % depth for i in indices}
+
+    def _add_position_and_prefix(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        pos_embed = self.pos_embed
+        if grid != tuple(self.patch_embed.grid_size):
+            pos_embed = resample_abs_pos_embed(
+                pos_embed,
+                new_size=list(grid),
+                old_size=list(self.patch_embed.grid_size),
+                num_prefix_tokens=self.num_prefix_tokens,
+            )
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + pos_embed
+
+    # ---------------------------------------------------------- introspection
+    def routed_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, module) of every task-routed layer, in forward order."""
+        for i, block in enumerate(self.blocks):
+            for part in ("attn", "mlp"):
+                module = getattr(block, part)
+                if routes_tasks(module):
+                    yield f"blocks.{i}.{part}", module
+
+    def routers(self) -> Iterator[tuple[str, TaskRouter]]:
+        for name, module in self.routed_layers():
+            yield name, module.router
+
+    def expert_usage(self) -> dict[str, dict[str, list[int]]]:
+        """Tokens routed to each expert during training: {layer: {task: counts per expert}}."""
+        return {
+            name: {task: gate.usage.tolist() for task, gate in router.gates.items()}
+            for name, router in self.routers()
+        }
+
+    def reset_expert_usage(self) -> None:
+        for _, router in self.routers():
+            for gate in router.gates.values():
+                gate.usage.zero_()
+
+    def set_force_balanced_routing(self, enabled: bool) -> None:
+        """Round-robin routing (tests): every expert gets tokens, every parameter a gradient."""
+        for _, router in self.routers():
+            router.force_balanced = enabled
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names a trainer should not decay (timm's hook)."""
+        names = {"pos_embed", "cls_token"}
+        if self.task_embed is not None:
+            names |= {f"task_embed.{task}" for task in self.tasks}
+        return names

@@ -1,0 +1,114 @@
+"""Sparse upcycling (Komatsuzaki et al. 2023): start an MoE ViT from a dense timm ViT.
+
+Every dense weight is copied by name (MoEViT keeps timm's parameter names); in MoE blocks each
+expert starts as a copy of that block's dense MLP. Gates start at zero, so every expert gets
+the same input and, its gate weights summing to one, the upcycled model computes exactly what
+the dense one did: for every task, `forward_features(x, task) == vit.forward_features(x)`.
+The dense classifier head is not part of the backbone and is left out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from moevit.models.moe_vit import MoEViT
+
+_DENSE_MLP_KEY = re.compile(r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)")
+_NOT_BACKBONE = ("head.", "fc_norm.", "head_drop.", "attn_pool.")
+_NEW_IN_MOE = re.compile(r"(blocks\.\d+\.mlp\.router\.gates\..+|task_embed\..+)")
+
+
+def load_timm_vit(model_name: str, checkpoint_path: str | Path) -> VisionTransformer:
+    """Build a timm ViT and load its weights from a local file (no hub access)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"timm checkpoint not found: {path}")
+    return timm.create_model(model_name, pretrained=False, checkpoint_path=str(path))
+
+
+def upcycle_timm_vit(
+    vit: VisionTransformer,
+    num_experts: int,
+    top_k: int,
+    tasks: Sequence[str],
+    moe_layers: str | Sequence[int] = "every:2",
+    task_embedding: bool = False,
+) -> MoEViT:
+    """Build an MoEViT with the same shape as `vit` and copy its weights into it.
+
+    Args:
+        vit: a timm `VisionTransformer` (class token, learned absolute position embedding).
+            To start from a file, pass `load_timm_vit(name, path)`.
+        num_experts: experts per MoE layer; each starts as a copy of the dense MLP.
+        top_k: experts per token.
+        tasks: task names (one router each).
+        moe_layers: which blocks become MoE (see `placement.resolve_moe_layers`).
+        task_embedding: add zero-initialised per-task embeddings (keeps the equivalence).
+    """
+    _check_supported(vit)
+    first_block = vit.blocks[0]
+    model = MoEViT(
+        tasks=tasks,
+        img_size=vit.patch_embed.img_size[0],
+        patch_size=vit.patch_embed.patch_size[0],
+        in_chans=vit.patch_embed.proj.in_channels,
+        embed_dim=vit.embed_dim,
+        depth=len(vit.blocks),
+        num_heads=first_block.attn.num_heads,
+        mlp_ratio=first_block.mlp.fc1.out_features / vit.embed_dim,
+        qkv_bias=first_block.attn.qkv.bias is not None,
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_layers=moe_layers,
+        task_embedding=task_embedding,
+        class_token=vit.cls_token is not None,
+    )
+    state = {}
+    for key, value in vit.state_dict().items():
+        if key.startswith(_NOT_BACKBONE):
+            continue
+        match = _DENSE_MLP_KEY.fullmatch(key)
+        if match and int(match[1]) in model.moe_layer_indices:
+            block, linear, kind = match.groups()
+            state[f"blocks.{block}.mlp.experts.{linear}_{kind}"] = value.unsqueeze(0).repeat_interleave(
+                num_experts, 0
+            )
+        else:
+            state[key] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not _NEW_IN_MOE.fullmatch(key)]
+    if missing or unexpected:
+        raise ValueError(f"dense ViT does not map onto MoEViT: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def _check_supported(vit: nn.Module) -> None:
+    """Refuse ViT features MoEViT does not reproduce, rather than silently differ."""
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
+    unsupported = {
+        "register tokens": vit.reg_token is not None,
+        "position embedding without class slot (no_embed_class)": vit.no_embed_class,
+        "pre-norm before blocks (norm_pre)": not isinstance(vit.norm_pre, nn.Identity),
+        "LayerScale": not isinstance(vit.blocks[0].ls1, nn.Identity),
+        "qk-norm": not isinstance(getattr(vit.blocks[0].attn, "q_norm", nn.Identity()), nn.Identity),
+        "missing position embedding": vit.pos_embed is None,
+        "dynamic image size": vit.dynamic_img_size,
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise ValueError(f"cannot upcycle this ViT: unsupported {', '.join(found)}")
+
+
+@torch.no_grad()
+def max_upcycling_error(vit: VisionTransformer, model: MoEViT, images: torch.Tensor) -> float:
+    """Largest |difference| between dense and upcycled features over all tasks (a sanity check)."""
+    reference = vit.forward_features(images)
+    return max((model.forward_features(images, task) - reference).abs().max().item() for task in model.tasks)

@@ -1,0 +1,61 @@
+"""Collate functions: batch dict layout, dtypes, and the summed skip count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from moevit.data.collate import collate_for_task
+
+
+def _image() -> tv_tensors.Image:
+    return tv_tensors.Image(torch.randn(3, 8, 8))
+
+
+def test_classification_batch():
+    samples = [
+        {"image": _image(), "label": 4, "key": "a", "num_skipped": 2},
+        {"image": _image(), "label": 0, "key": "b"},
+    ]
+    batch = collate_for_task("classification")(samples)
+    assert type(batch["images"]) is torch.Tensor and tuple(batch["images"].shape) == (2, 3, 8, 8)
+    assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [4, 0]
+    assert batch["num_skipped"] == 2 and batch["keys"] == ["a", "b"]
+
+
+def test_detection_batch_keeps_per_image_targets():
+    boxes = tv_tensors.BoundingBoxes([[1.0, 2.0, 5.0, 6.0]], format="XYXY", canvas_size=(8, 8))
+    empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(8, 8))
+    samples = [
+        {"image": _image(), "boxes": boxes, "labels": torch.tensor([3]), "image_id": 139, "num_skipped": 1},
+        {"image": _image(), "boxes": empty, "labels": torch.zeros(0, dtype=torch.int64), "image_id": 285},
+    ]
+    batch = collate_for_task("detection")(samples)
+    assert tuple(batch["images"].shape) == (2, 3, 8, 8)
+    assert batch["image_ids"] == [139, 285] and batch["num_skipped"] == 1
+    first, second = batch["targets"]
+    assert type(first["boxes"]) is torch.Tensor and first["boxes"].tolist() == [[1.0, 2.0, 5.0, 6.0]]
+    assert first["labels"].dtype == torch.int64 and first["labels"].tolist() == [3]
+    assert tuple(second["boxes"].shape) == (0, 4) and tuple(second["labels"].shape) == (0,)
+
+
+def test_segmentation_batch_masks_are_int64():
+    mask = tv_tensors.Mask(torch.full((8, 8), 255, dtype=torch.uint8))
+    batch = collate_for_task("segmentation")([{"image": _image(), "mask": mask}] * 3)
+    assert batch["masks"].dtype == torch.int64 and tuple(batch["masks"].shape) == (3, 8, 8)
+    assert batch["masks"].eq(255).all() and batch["num_skipped"] == 0
+
+
+def test_images_of_different_sizes_get_a_clear_error():
+    samples = [
+        {"image": _image(), "label": 0, "key": "a"},
+        {"image": tv_tensors.Image(torch.randn(3, 4, 4)), "label": 1, "key": "b"},
+    ]
+    with pytest.raises(ValueError, match="cannot stack images of shapes .*build_transforms"):
+        collate_for_task("classification")(samples)
+
+
+def test_unknown_task_type_is_rejected():
+    with pytest.raises(ValueError, match="unknown task type 'depth'"):
+        collate_for_task("depth")
