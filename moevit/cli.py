@@ -25,6 +25,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from moevit.train.smoke import format_smoke_report, run_smoke, write_smoke_run
 
     cfg = _load(args.config, args.overrides)
+    for task in cfg.tasks.values():  # the synthetic datasets live side by side under --data
+        if task.data is not None:
+            task.data.root = str(Path(args.data) / task.data.format)
     if not synthetic_data_is_complete(args.data, seed=0, size=args.data_size):
         print(f"writing synthetic datasets ({args.data_size}) to {args.data} ...", flush=True)
         write_synthetic_datasets(args.data, seed=0, size=args.data_size)
@@ -60,6 +63,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moevit.data.shards.cli import add_shard_parser
+
     parser = argparse.ArgumentParser(prog="moevit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", default="tiny", choices=["tiny", "small"])
     synth.set_defaults(func=cmd_data_synth)
+    add_shard_parser(data)
 
     models = commands.add_parser("models", help="list registered model variants")
     models.set_defaults(func=cmd_models)

@@ -118,13 +118,121 @@ class AuxLossConfig:
 
 
 @dataclass
+class TaskSamplingConfig:
+    """Which task(s) each step trains (moevit.data.schedule.TaskSchedule)."""
+
+    strategy: Literal["all", "weighted", "round_robin"] = (
+        "all"  # "all": one micro-batch of every task per step
+    )
+    ratios: dict[str, float] | None = None  # "weighted": relative probability of each task per step
+    temperature: float | None = None  # "weighted" without ratios: p_t ~ dataset_size_t ** (1 / T)
+
+    def validate(self) -> None:
+        if self.strategy != "weighted" and (self.ratios is not None or self.temperature is not None):
+            raise ValueError(f"ratios and temperature apply to strategy 'weighted', not {self.strategy!r}")
+        if self.ratios is not None and self.temperature is not None:
+            raise ValueError("give either ratios or temperature, not both")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.ratios is not None and any(r <= 0 for r in self.ratios.values()):
+            raise ValueError(f"ratios must be > 0, got {self.ratios}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05  # timm/DeiT's ViT default
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay, warmup_steps and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class LossBalancingConfig:
+    """How the task losses are weighted each step (moevit.train.balancing); every method multiplies
+    each task's `loss_weight`."""
+
+    method: Literal["static", "uncertainty", "dwa"] = "static"  # static: the loss_weights alone
+    temperature: float = 2.0  # DWA's softmax temperature T (Liu et al. 2019 use 2)
+    window: int = 50  # DWA: steps averaged into one loss measurement (the paper averages an epoch)
+    lr: float = 0.01  # uncertainty weighting: Adam learning rate of the per-task log-variances
+
+    def validate(self) -> None:
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError(f"temperature and lr must be > 0, got {self.temperature} and {self.lr}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate once, at the end
+    eval_batches: int | None = None  # cap on evaluation batches per task; None: the whole split
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_last: int = 2  # complete checkpoints kept in the run dir
+    num_workers: int = 2  # DataLoader workers per task and rank
+    sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+
+
+@dataclass
+class ParallelConfig:
+    """Device layout. World size comes from the launcher; ep_size must divide it and the expert count."""
+
+    ep_size: int = 1  # ranks that share one copy of the experts (expert parallelism)
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
+
+    def validate(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
+
+
+@dataclass
 class Config:
     tasks: dict[str, TaskConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     output_dir: str = "runs/default"
 
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: at least one task is required")
+        ratios = self.train.sampling.ratios
+        if ratios is not None and set(ratios) != set(self.tasks):
+            raise ValueError(f"train.sampling.ratios names {sorted(ratios)}, tasks are {sorted(self.tasks)}")
+        num_experts = self.model.moe.num_experts
+        if num_experts is not None and num_experts % self.parallel.ep_size:
+            raise ValueError(
+                f"parallel.ep_size={self.parallel.ep_size} does not divide model.moe.num_experts={num_experts}"
+            )

@@ -1,0 +1,179 @@
+"""Writes the synthetic detection dataset in the COCO 2017 instances layout.
+
+Layout and JSON as in COCO 2017 (https://cocodataset.org/#format-data):
+    coco/train2017/<image id:012d>.jpg, coco/val2017/<image id:012d>.jpg
+    coco/annotations/instances_{train,val}2017.json
+        info, licenses,
+        images       [{id, file_name, width, height, license, coco_url, flickr_url, date_captured}]
+        annotations  [{id, image_id, category_id, bbox [x, y, w, h] in pixels, area, iscrowd, segmentation}]
+        categories   [{id, name, supercategory}]
+Each image holds 0-4 separated shapes with random textures and colors on a faintly textured background;
+the category is the shape. Image ids and category ids are not contiguous, as in COCO; `segmentation`
+is the shape's polygon and `area` the polygon's area.
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from moevit.data.synth.shapes import (
+    TEXTURES,
+    composite,
+    distinct_color,
+    polygon_area,
+    random_translation,
+    rasterize,
+    shape_polygon,
+    smooth_background,
+    texture,
+    to_uint8,
+)
+from moevit.data.synth.spec import (
+    COCO_CATEGORY_IDS,
+    COCO_EMPTY_IMAGE_FRACTION,
+    COCO_IMAGE_SIZE,
+    COCO_MAX_OBJECTS,
+    COCO_OBJECT_SIZE,
+    GENERATOR_VERSION,
+    JPEG_QUALITY,
+    MAX_ROTATION_DEG,
+    sample_rng,
+)
+
+DETECTION_SHAPES = tuple(COCO_CATEGORY_IDS)
+# Image ids 1, 4, 7, ... for train and 2, 5, 8, ... for val: disjoint between splits and with gaps,
+# so that no reader can confuse an image id with a list index.
+_IMAGE_ID_STRIDE = 3
+_IMAGE_ID_OFFSET = {"train2017": 1, "val2017": 2}
+_PLACEMENT_ATTEMPTS = 20
+_MIN_GAP_PX = 2.0  # between object boxes: objects never occlude each other, so every box is exact
+
+
+def coco_image_id(split: str, index: int) -> int:
+    """The image id of the `index`-th image of `split` (see _IMAGE_ID_OFFSET)."""
+    if split not in _IMAGE_ID_OFFSET:
+        raise ValueError(f"unknown COCO split {split!r}; expected one of {tuple(_IMAGE_ID_OFFSET)}")
+    return _IMAGE_ID_STRIDE * index + _IMAGE_ID_OFFSET[split]
+
+
+def _boxes_touch(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two (x0, y0, x1, y1) boxes come closer than _MIN_GAP_PX."""
+    return bool(np.all(a[:2] < b[2:] + _MIN_GAP_PX) and np.all(b[:2] < a[2:] + _MIN_GAP_PX))
+
+
+def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]) -> tuple[np.ndarray, list]:
+    """One (H, W, 3) uint8 image and its objects as (shape name, polygon (K, 2) in pixels) pairs."""
+    height, width = image_size
+    background_color = rng.uniform(40, 215, size=3)
+    canvas = smooth_background(height, width, rng, background_color, variation=35)
+    # Clutter: a faint texture over the whole background, weaker than any object's contrast.
+    clutter = texture(
+        TEXTURES[rng.integers(len(TEXTURES))], height, width, [background_color, rng.uniform(0, 255, 3)], rng
+    )
+    canvas = composite(canvas, clutter, np.full((height, width), rng.uniform(0.1, 0.25), np.float32))
+
+    num_objects = (
+        0 if rng.random() < COCO_EMPTY_IMAGE_FRACTION else int(rng.integers(1, COCO_MAX_OBJECTS + 1))
+    )
+    objects, boxes = [], []
+    for _ in range(num_objects):
+        shape = DETECTION_SHAPES[rng.integers(len(DETECTION_SHAPES))]
+        template = shape_polygon(
+            shape, rng.uniform(*COCO_OBJECT_SIZE), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+        )
+        for _attempt in range(_PLACEMENT_ATTEMPTS):
+            polygon = random_translation(template, height, width, rng)
+            box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
+            if not any(_boxes_touch(box, other) for other in boxes):
+                break
+        else:
+            continue  # no free room left: the image gets fewer objects
+        first_color = distinct_color(rng, [background_color], min_distance=80)
+        second_color = distinct_color(rng, [background_color, first_color], min_distance=80)
+        fill = texture(TEXTURES[rng.integers(len(TEXTURES))], height, width, [first_color, second_color], rng)
+        canvas = composite(canvas, fill, rasterize(polygon, height, width))
+        objects.append((shape, polygon))
+        boxes.append(box)
+    return to_uint8(canvas, rng, rng.uniform(2, 8)), objects
+
+
+def _annotation(annotation_id: int, image_id: int, shape: str, polygon: np.ndarray) -> dict:
+    x0, y0 = polygon.min(axis=0)
+    x1, y1 = polygon.max(axis=0)
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": COCO_CATEGORY_IDS[shape],
+        "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+        "area": round(polygon_area(polygon), 2),
+        "iscrowd": 0,
+        "segmentation": [[round(float(v), 2) for v in polygon.reshape(-1)]],
+    }
+
+
+def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: tuple[int, int]) -> None:
+    """Write `count` images of one split and its instances JSON under `root`."""
+    height, width = image_size
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        pixels, objects = render_detection_image(sample_rng(seed, "coco", split, index), image_size)
+        image_id = coco_image_id(split, index)
+        file_name = f"{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(root / split / file_name, format="JPEG", quality=JPEG_QUALITY)
+        images.append(
+            {
+                "license": 1,
+                "file_name": file_name,
+                "coco_url": "",
+                "height": height,
+                "width": width,
+                "date_captured": "",
+                "flickr_url": "",
+                "id": image_id,
+            }
+        )
+        # Annotation ids from the image id keep them unique across both splits without a running counter.
+        annotations += [
+            _annotation(image_id * (COCO_MAX_OBJECTS + 1) + k, image_id, shape, polygon)
+            for k, (shape, polygon) in enumerate(objects)
+        ]
+    instances = {
+        "info": {
+            "description": "moevit synthetic shapes, COCO 2017 instances format",
+            "url": "",
+            "version": str(GENERATOR_VERSION),
+            "year": 2017,
+            "contributor": "moevit.data.synth",
+            "date_created": "",
+        },
+        "licenses": [{"id": 1, "name": "generated data, no restrictions", "url": ""}],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": category_id, "name": name, "supercategory": "shape"}
+            for name, category_id in COCO_CATEGORY_IDS.items()
+        ],
+    }
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    with open(root / "annotations" / f"instances_{split}.json", "w") as f:
+        json.dump(instances, f)
+
+
+def write_coco(
+    root: Path, seed: int, images_per_split: Mapping[str, int], image_size: tuple[int, int] = COCO_IMAGE_SIZE
+) -> dict:
+    """Write every split of the detection dataset under `root`; returns its summary.
+
+    Args:
+        root: the dataset directory (holds train2017/, val2017/ and annotations/).
+        seed: the generator seed; each image is seeded from (seed, "coco", split, index).
+        images_per_split: split name (train2017, val2017) -> number of images.
+        image_size: (height, width) in pixels.
+    """
+    for split, count in images_per_split.items():
+        write_coco_split(root, seed, split, count, image_size)
+    return {"num_classes": len(COCO_CATEGORY_IDS), "images": dict(images_per_split)}
