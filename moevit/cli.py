@@ -64,6 +64,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from moevit.data.shards.cli import add_shard_parser
+    from moevit.train.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="moevit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.moe.top_k=1")
     demo.set_defaults(func=cmd_demo)
+
+    add_train_parser(commands)
+    add_eval_parser(commands)
 
     flops = commands.add_parser(
         "flops", help="parameters and per-task active GFLOPs, cross-checked with fvcore"

@@ -95,6 +95,9 @@ def _run_task(
         batch_sampler=rank_batches(indices, task_cfg.data.batch_size, max_batches),
         collate_fn=collate_for_task(task_cfg.type),
         num_workers=cfg.train.num_workers,
+        # Its own generator: otherwise the loader draws worker seeds from the global torch RNG,
+        # and training randomness would depend on how often the run evaluates.
+        generator=torch.Generator().manual_seed(0),
     )
     with torch.no_grad():
         for batch in loader:

@@ -23,8 +23,8 @@ def grouped_linear(
             continue
         bias = None if bias_EO is None else bias_EO[e]
         outputs.append(F.linear(x_block, weight_EOI[e], bias))
-    if not outputs:  # no rows at all (e.g. an expert-parallel rank that received nothing)
-        return x_SI.new_zeros(0, weight_EOI.shape[1])
+    if not outputs:  # no rows at all: still a function of x and the weights, so backward reaches both
+        return F.linear(x_SI, weight_EOI[0], None if bias_EO is None else bias_EO[0])
     return torch.cat(outputs, dim=0)
 
 

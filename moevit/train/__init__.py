@@ -1,1 +1,3 @@
-"""Training: the loop and what it needs (optimizer groups, loss balancing, logging)."""
+"""Training: the loop (loop.py) and one step (step.py), loss balancing, the training data, reporting
+(progress bar, metrics.jsonl, TensorBoard, expert-usage plots), the run directory and the CLI commands
+`moevit train` / `moevit eval`. Parallelism and checkpoints come from moevit.parallel."""

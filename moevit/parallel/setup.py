@@ -1,0 +1,120 @@
+"""Starting the process group and DeepSpeed's expert-parallel groups; device and precision choice.
+
+Order at start-up: `check_layout` (pure arithmetic, raises before anything waits on a
+rendezvous) -> `initialize_distributed` -> build the model -> `moevit.parallel.engine.build_engine`.
+
+Groups (DeepSpeed's `utils.groups`, "E + D" layout, for world size W and ep_size P):
+- expert-parallel group `ep_size_P`: P consecutive ranks [kP, (k+1)P) that together hold one
+  copy of every expert and exchange tokens with all-to-all;
+- expert-data-parallel group `ep_size_P`: the W/P ranks holding the same experts (ranks with
+  the same index modulo P); expert gradients are averaged over it;
+- dense parameters are averaged over all W ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import deepspeed
+import torch
+from deepspeed.utils import groups
+
+from moevit.config.errors import ConfigError
+from moevit.parallel.env import DistributedEnv, detect_environment
+
+if TYPE_CHECKING:
+    from moevit.config.schema import Config
+
+LAYOUT_SOURCE = "parallel layout"
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # a first NCCL/GLOO collective may wait on a slow rank's data loading
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel and expert-data-parallel groups of this size."""
+    return f"ep_size_{ep_size}"
+
+
+def check_layout(cfg: Config, world_size: int, num_experts: int | None) -> None:
+    """Raise ConfigError unless parallel.ep_size divides the world size and the expert count.
+
+    Args:
+        cfg: the run's config.
+        world_size: processes in the job.
+        num_experts: experts per MoE layer of the model to be built; None skips that check.
+    """
+    ep_size = cfg.parallel.ep_size
+    if ep_size < 1:
+        raise ConfigError(LAYOUT_SOURCE, f"parallel.ep_size must be >= 1, got {ep_size}")
+    if world_size % ep_size:
+        raise ConfigError(
+            LAYOUT_SOURCE,
+            f"parallel.ep_size={ep_size} does not divide the world size {world_size} "
+            f"(expert-parallel groups are {ep_size} consecutive ranks)",
+        )
+    if num_experts is not None and num_experts % ep_size:
+        raise ConfigError(
+            LAYOUT_SOURCE,
+            f"parallel.ep_size={ep_size} does not divide the number of experts per MoE layer ({num_experts})",
+        )
+    if resolve_backend(cfg) == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            LAYOUT_SOURCE, "parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU"
+        )
+
+
+def resolve_backend(cfg: Config) -> str:
+    """parallel.backend with "auto" resolved: nccl when CUDA is available, gloo otherwise."""
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_precision(cfg: Config) -> torch.dtype:
+    """parallel.precision with "auto" resolved: bf16 on GPU, fp32 on CPU."""
+    precision = cfg.parallel.precision
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def device_for(env: DistributedEnv) -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def initialize_distributed(cfg: Config, timeout: timedelta = DEFAULT_TIMEOUT) -> DistributedEnv:
+    """Start the process group (also for a single process: DeepSpeed's engine needs one) and
+    create DeepSpeed's expert-parallel and expert-data-parallel groups for parallel.ep_size.
+
+    Args:
+        cfg: the run's config (parallel.ep_size, parallel.backend).
+        timeout: how long a collective may wait before it fails instead of hanging.
+    """
+    env = detect_environment()
+    check_layout(cfg, env.world_size, num_experts=None)
+    # env:// rendezvous reads these; a process started without a launcher has none of them.
+    for name, value in env.as_environment().items():
+        os.environ.setdefault(name, value)
+    backend = resolve_backend(cfg)
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timeout,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    ensure_expert_groups(cfg.parallel.ep_size)
+    return env
+
+
+def ensure_expert_groups(ep_size: int) -> None:
+    """Create DeepSpeed's groups for `ep_size` unless they exist (every rank must call this)."""
+    if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)

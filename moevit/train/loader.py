@@ -1,0 +1,46 @@
+"""The training data of a config: each task's train split behind one schedule-driven MultiTaskLoader."""
+
+from __future__ import annotations
+
+from moevit.config.schema import Config
+from moevit.data.build import build_dataset
+from moevit.data.collate import collate_for_task
+from moevit.data.multitask import MultiTaskLoader
+from moevit.data.schedule import TaskSchedule
+
+
+def build_schedule(cfg: Config, dataset_sizes: dict[str, int]) -> TaskSchedule:
+    """`train.sampling` as a TaskSchedule; the weighted draw without ratios uses dataset sizes."""
+    sampling = cfg.train.sampling
+    if sampling.strategy != "weighted":
+        return TaskSchedule(list(cfg.tasks), sampling.strategy, seed=cfg.seed)
+    if sampling.ratios is not None:
+        return TaskSchedule(list(cfg.tasks), "weighted", ratios=sampling.ratios, seed=cfg.seed)
+    if sampling.temperature is None:  # neither ratios nor temperature: uniform over tasks
+        return TaskSchedule(list(cfg.tasks), "weighted", seed=cfg.seed)
+    return TaskSchedule(
+        list(cfg.tasks),
+        "weighted",
+        dataset_sizes=dataset_sizes,
+        temperature=sampling.temperature,
+        seed=cfg.seed,
+    )
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoader:
+    """Every task's train split, read as `rank` of `world_size` data-parallel readers.
+
+    Dataset layout errors (DatasetLayoutError) surface here, before the first step.
+    """
+    datasets = {name: build_dataset(task.type, task.data, train=True) for name, task in cfg.tasks.items()}
+    schedule = build_schedule(cfg, {name: len(dataset) for name, dataset in datasets.items()})
+    return MultiTaskLoader(
+        datasets,
+        batch_sizes={name: task.data.batch_size for name, task in cfg.tasks.items()},
+        collate_fns={name: collate_for_task(task.type) for name, task in cfg.tasks.items()},
+        schedule=schedule,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+        num_workers=cfg.train.num_workers,
+    )

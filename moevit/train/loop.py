@@ -1,0 +1,163 @@
+"""The training loop: set up, (resume), then per step: plan -> step -> balance -> log -> eval -> checkpoint.
+
+Every rank runs the same steps, evaluations and checkpoints at the same points: all of them are
+collectives (MoE all-to-alls, all-reduces, DeepSpeed's checkpoint barriers). The order of set-up follows
+torchtitan: check everything, then start the process group, then parallelise the single-device model.
+`run_evaluation` evaluates a saved checkpoint without an engine or optimizer.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moevit.config.errors import ConfigError
+from moevit.config.schema import Config
+from moevit.data.multitask import derive_seed
+from moevit.eval import evaluate
+from moevit.parallel.checkpoint import (
+    capture_rng_state,
+    consolidated_state_dict,
+    find_latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from moevit.parallel.collectives import barrier, is_main_process
+from moevit.parallel.engine import build_engine
+from moevit.parallel.env import detect_environment
+from moevit.parallel.expert_parallel import apply_expert_parallel
+from moevit.parallel.setup import device_for, initialize_distributed
+from moevit.train.balancing import build_balancer
+from moevit.train.loader import build_train_loader
+from moevit.train.logging import RunLogger
+from moevit.train.preflight import build_checked_model
+from moevit.train.run_dir import RunDir, check_output_dir, prepare_run_dir
+from moevit.train.step import MultiTaskStep
+from moevit.train.usage_plots import ExpertUsage, write_usage_report
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Distinct streams per rank for augmentation and dropout (model init used the shared `seed`)."""
+    rank_seed = derive_seed(seed, "train", rank)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
+
+
+def is_due(step: int, every: int, last_step: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+def resolve_checkpoint(
+    path_or_auto: str | None, run_root: Path, flag: str = "--resume"
+) -> tuple[Path, str] | None:
+    """(run dir, checkpoint tag): "auto" is the newest complete checkpoint of `run_root` (None if there
+    is none yet); a path names a run dir (its newest) or a checkpoint directory `<run>/checkpoints/<tag>`."""
+    if path_or_auto is None:
+        return None
+    if path_or_auto == "auto":
+        tag = find_latest_checkpoint(run_root)
+        return None if tag is None else (run_root, tag)
+    path = Path(path_or_auto)
+    if RunDir(path).checkpoints.is_dir():
+        tag = find_latest_checkpoint(path)
+        if tag is None:
+            raise ConfigError(f"{flag} {path}", "the run dir holds no complete checkpoint")
+        return path, tag
+    if path.is_dir() and path.parent.name == "checkpoints" and find_latest_checkpoint(path.parent.parent):
+        return path.parent.parent, path.name
+    raise ConfigError(f"{flag} {path}", "neither a run dir nor a complete checkpoint <run>/checkpoints/<tag>")
+
+
+def evaluate_model(model: torch.nn.Module, cfg: Config, rank: int, world_size: int, device: torch.device):
+    return evaluate(model, cfg, None, cfg.train.eval_batches, rank, world_size, device)
+
+
+def run_training(
+    cfg: Config, resume: str | None = None, source: str = "config"
+) -> dict[str, dict[str, float]]:
+    """Trains `cfg` on the processes of this launch; returns the last evaluation's {task: {metric: value}}.
+
+    Args:
+        cfg: the loaded config.
+        resume: None (fresh run), "auto" (newest complete checkpoint of `cfg.output_dir`, if any), or a
+            run dir or checkpoint directory to continue from.
+        source: where `cfg` came from, for error messages.
+    """
+    run = RunDir(Path(cfg.output_dir))
+    check_output_dir(cfg, resume)
+    checkpoint = resolve_checkpoint(resume, run.root)
+    model = build_checked_model(cfg, detect_environment().world_size, source)
+    env = initialize_distributed(cfg)
+    device = device_for(env)
+    engine = build_engine(model, cfg, env)  # shards the experts over parallel.ep_size ranks first
+    seed_rank(cfg.seed, env.rank)
+    loader = build_train_loader(cfg, env.rank, env.world_size)
+    balancer = build_balancer(cfg.train.loss_balancing, {n: t.loss_weight for n, t in cfg.tasks.items()})
+    usage = ExpertUsage(list(cfg.tasks))
+    if is_main_process():
+        prepare_run_dir(cfg)
+    barrier()
+
+    start_step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(engine, *checkpoint)
+        start_step = state["step"]
+        loader.load_state_dict(state["loader"])
+        balancer.load_state_dict(state["balancer"])
+        usage.load_state_dict(state["usage"])
+        restore_rng_state(state["rng"])
+
+    train_step = MultiTaskStep(
+        engine, list(cfg.tasks), cfg.aux_loss, loader.expected_ratios(), env.world_size, device
+    )
+    last = cfg.train.steps
+    logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
+    if checkpoint is not None:
+        logger.message(f"resumed from {checkpoint[0] / 'checkpoints' / checkpoint[1]} at step {start_step}")
+    metrics: dict[str, dict[str, float]] = {}
+    for step in range(start_step + 1, last + 1):
+        started = time.perf_counter()
+        result = train_step(next(loader), balancer.weights())
+        balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
+        usage.add(result.expert_counts)
+        logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started)
+        if is_due(step, cfg.train.eval_every, last):
+            metrics = evaluate_model(engine.module, cfg, env.rank, env.world_size, device)
+            logger.log_eval(step, metrics)
+            report = usage.reduce_and_reset(step, device)
+            if is_main_process():
+                write_usage_report(run.plots, report)
+        if is_due(step, cfg.train.checkpoint_every, last):
+            client_state = {
+                "step": step,
+                "loader": loader.state_dict(),
+                "rng": capture_rng_state(),
+                "balancer": balancer.state_dict(),
+                "usage": usage.state_dict(),
+            }
+            save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
+    logger.close()
+    loader.close()
+    return metrics
+
+
+def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict[str, dict[str, float]]:
+    """Evaluates a checkpoint (a run dir: its newest; or `<run>/checkpoints/<tag>`) on every task.
+
+    The weights come consolidated (moevit.parallel.checkpoint), so any process count and ep_size works,
+    whatever the training layout was.
+    """
+    run_root, tag = resolve_checkpoint(checkpoint, Path(checkpoint), flag="--checkpoint")
+    model = build_checked_model(cfg, detect_environment().world_size, source)
+    model.load_state_dict(consolidated_state_dict(run_root / "checkpoints" / tag))
+    env = initialize_distributed(cfg)
+    device = device_for(env)
+    apply_expert_parallel(model, cfg.parallel.ep_size)
+    return evaluate_model(model.to(device), cfg, env.rank, env.world_size, device)

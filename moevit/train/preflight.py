@@ -1,0 +1,49 @@
+"""Checks a training config can run on `world_size` processes, before any process group starts.
+
+The loader (moevit.config.loader) already refused unknown keys and wrong types. What is left needs the
+tasks, the built model or the world size: every task has a dataset whose root exists, the model builds
+(top-k within the expert count, image sizes that fit the patch grid), and `parallel.ep_size` divides
+both the world size and every MoE layer's expert count (moevit.parallel.setup.check_layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moevit.config.errors import ConfigError
+from moevit.config.schema import Config
+from moevit.layers.moe_mlp import MoEMlp
+from moevit.models.multitask import MultiTaskModel
+from moevit.parallel.setup import check_layout
+from moevit.train.smoke import build_multitask_model
+
+
+def build_checked_model(cfg: Config, world_size: int, source: str = "config") -> MultiTaskModel:
+    """The single-device model of `cfg`, built with `cfg.seed`, once the config passed every check.
+
+    Args:
+        cfg: a loaded (type-checked) config.
+        world_size: processes the job will run on.
+        source: where the config came from, for error messages (its path).
+    """
+    missing = [name for name, task in cfg.tasks.items() if task.data is None]
+    if missing:
+        keys = ", ".join(f"'tasks.{name}.data'" for name in missing)
+        raise ConfigError(source, f"training needs a dataset for every task; missing {keys}")
+    # The readers check each layout in detail when the workers open them; a missing root is the common
+    # typo, and cheap to catch here, before any worker starts.
+    for name, task in cfg.tasks.items():
+        if not Path(task.data.root).is_dir():
+            raise ConfigError(source, f"'tasks.{name}.data.root': {task.data.root} is not a directory")
+    torch.manual_seed(cfg.seed)  # every rank builds identical weights; EP then keeps each rank's shard
+    try:
+        model = build_multitask_model(cfg)
+    except ValueError as err:
+        raise ConfigError(source, f"the model of 'model' and 'tasks' cannot be built: {err}") from None
+    # Expert parallelism shards the MLP experts (moevit.parallel.expert_parallel); attention experts stay whole.
+    expert_counts = {module.num_experts for module in model.modules() if isinstance(module, MoEMlp)}
+    for num_experts in sorted(expert_counts) or [None]:
+        check_layout(cfg, world_size, num_experts)
+    return model

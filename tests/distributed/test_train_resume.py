@@ -1,0 +1,85 @@
+"""Exact resume (issue 4, item 6): 2N steps give bit-identical losses to N steps + resume + N steps,
+on 2 CPU processes with expert parallelism (EP=2), the mutual-information loss and uncertainty weighting.
+
+The first half runs with `train.steps = N`; both halves stay inside the LR warmup, so the schedule is the
+same as the straight run's. Evaluations and checkpoints happen at the same steps in both runs (an
+evaluation's DataLoader draws from the global torch RNG, which the checkpoint then carries).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moevit.config import build_config
+from moevit.config.schema import Config
+from moevit.data.synth import write_synthetic_datasets
+from moevit.train.loop import run_training
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+HALF = 3
+
+
+def train_worker(config: dict, resume: str | None) -> dict:
+    """One rank of a training launch (run by run_workers in a fresh process)."""
+    return run_training(build_config(Config, config), resume)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_datasets(root, size="tiny")
+    return root
+
+
+def make_config(data_root, output_dir, steps: int) -> dict:
+    def data(fmt, image_size, batch_size):
+        return {
+            "format": fmt,
+            "root": str(data_root / fmt),
+            "image_size": image_size,
+            "batch_size": batch_size,
+        }
+
+    return {
+        "model": {"name": "moevit_debug"},
+        # Two classification tasks (own routers and heads) on one dataset keep the steps and checkpoints
+        # small; the CLI test in tests/e2e covers the other task types.
+        "tasks": {
+            "shapes": {"type": "classification", "num_classes": 10, "data": data("imagenet", 32, 8)},
+            "objects": {"type": "classification", "num_classes": 10, "data": data("imagenet", 32, 4)},
+        },
+        "aux_loss": {"mutual_information": 0.1},
+        "train": {
+            "steps": steps,
+            "log_every": 1,
+            "eval_every": HALF,
+            "eval_batches": 1,
+            "checkpoint_every": HALF,
+            "num_workers": 0,  # random augmentation then draws from the checkpointed main-process RNG
+            "optim": {"warmup_steps": 2 * HALF},
+            "loss_balancing": {"method": "uncertainty", "lr": 0.1},
+        },
+        "parallel": {"ep_size": 2},
+        "output_dir": str(output_dir),
+    }
+
+
+def records(run_dir) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Wall-clock throughput is the only value allowed to differ.
+    return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
+
+
+def test_two_halves_with_resume_equal_one_straight_run(tmp_path, data_root, run_workers):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    run_workers(train_worker, 2, 150, config=make_config(data_root, straight, 2 * HALF), resume=None)
+    run_workers(train_worker, 2, 150, config=make_config(data_root, halves, HALF), resume=None)
+    run_workers(train_worker, 2, 150, config=make_config(data_root, halves, 2 * HALF), resume="auto")
+
+    expected, got = records(straight), records(halves)
+    assert [r["step"] for r in got if r["split"] == "train"][-1] == 2 * HALF
+    assert got == expected  # every loss, weight, lr and eval metric, compared as exact floats
+    assert (halves / "checkpoints" / "latest").read_text() == f"step_{2 * HALF:08d}"

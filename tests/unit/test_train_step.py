@@ -1,0 +1,170 @@
+"""One training step on a stand-in engine: the objective it optimises, what it reports, what it updates."""
+
+import copy
+
+import pytest
+import torch
+
+from moevit.config.schema import AuxLossConfig
+from moevit.data.multitask import StepPlan, TaskBatch
+from moevit.heads import build_head
+from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
+from moevit.models import create_model
+from moevit.models.multitask import MultiTaskModel
+from moevit.train.step import MultiTaskStep, move_batch
+
+NUM_CLASSES = {"shapes": 3, "textures": 4}
+BATCH_SIZES = {"shapes": 4, "textures": 2}
+
+
+class LocalEngine:
+    """Stand-in for the DeepSpeed engine of moevit.parallel.engine, single process, plain SGD."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 0.1):
+        self.module = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.backward_calls = 0
+
+    def __call__(self, task, batch):
+        return self.module(task, batch)
+
+    def backward(self, loss):
+        self.backward_calls += 1
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def get_lr(self):
+        return [self.optimizer.param_groups[0]["lr"]]
+
+
+def make_model(seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    backbone = create_model("moevit_debug", tasks=list(NUM_CLASSES))
+    heads = {task: build_head("classification", n, backbone, 32) for task, n in NUM_CLASSES.items()}
+    return MultiTaskModel(backbone, heads)
+
+
+def make_plan(tasks=tuple(NUM_CLASSES), seed: int = 1) -> StepPlan:
+    generator = torch.Generator().manual_seed(seed)
+    batches = tuple(
+        TaskBatch(
+            task,
+            {
+                "images": torch.randn(BATCH_SIZES[task], 3, 32, 32, generator=generator),
+                "labels": torch.randint(0, NUM_CLASSES[task], (BATCH_SIZES[task],), generator=generator),
+                "keys": [f"{task}/{i}" for i in range(BATCH_SIZES[task])],
+            },
+        )
+        for task in tasks
+    )
+    return StepPlan(0, batches)
+
+
+def make_step(engine, aux=None, prior=None, world_size=1):
+    return MultiTaskStep(
+        engine,
+        list(NUM_CLASSES),
+        aux or AuxLossConfig(load_balance=0.01, z_loss=0.001, mutual_information=0.1),
+        prior or {"shapes": 2 / 3, "textures": 1 / 3},
+        world_size,
+        torch.device("cpu"),
+    )
+
+
+def test_step_reports_the_objective_it_optimises():
+    weights = {"shapes": 1.0, "textures": 0.5}
+    aux = AuxLossConfig(load_balance=0.01, z_loss=0.001, mutual_information=0.1)
+    prior = {"shapes": 2 / 3, "textures": 1 / 3}
+    plan = make_plan()
+    reference = make_model()
+    expected = torch.zeros(())
+    routings = {}
+    for task, batch in plan:
+        out = reference(task, batch)
+        layers = list(out.routing.values())
+        expected += weights[task] * out.losses["loss"]
+        expected += aux.load_balance * load_balance_loss(layers) + aux.z_loss * router_z_loss(layers)
+        routings[task] = layers
+    prior_T = torch.tensor([prior[t] for t in NUM_CLASSES])
+    mutual_information = mean_mutual_information_loss(
+        task_expert_matrices(routings, list(NUM_CLASSES)), prior_T
+    )
+    expected += aux.mutual_information * mutual_information
+
+    engine = LocalEngine(make_model())
+    result = make_step(engine, aux, prior)(plan, weights)
+    assert engine.backward_calls == 1  # one backward over the sum of the step's losses
+    assert result.total == pytest.approx(expected.item(), rel=1e-6)
+    assert result.mutual_information == pytest.approx(mutual_information.item(), rel=1e-6)
+    assert result.images == sum(BATCH_SIZES.values())
+    assert set(result.task_losses) == set(NUM_CLASSES)
+    assert result.task_losses["textures"]["weight"] == 0.5
+    assert {"loss", "load_balance", "z_loss", "weight"} <= set(result.task_losses["shapes"])
+
+
+def test_step_updates_every_router_it_routed_with():
+    engine = LocalEngine(make_model())
+    before = copy.deepcopy(engine.module.state_dict())
+    make_step(engine)(make_plan(), {"shapes": 1.0, "textures": 1.0})
+    after = engine.module.state_dict()
+    gates = [name for name in after if ".router.gates." in name and name.endswith("weight")]
+    assert gates and all(not torch.equal(before[name], after[name]) for name in gates)
+
+
+def test_expert_counts_cover_every_routed_slot():
+    engine = LocalEngine(make_model())
+    result = make_step(engine)(make_plan(), {"shapes": 1.0, "textures": 1.0})
+    backbone = engine.module.backbone
+    tokens_per_image = (32 // backbone.patch_size) ** 2 + backbone.num_prefix_tokens
+    assert list(result.expert_counts) == [name for name, _ in backbone.routed_layers()]
+    for by_task in result.expert_counts.values():
+        for task, counts_E in by_task.items():
+            assert counts_E.sum().item() == BATCH_SIZES[task] * tokens_per_image * 2  # top-2
+
+
+def test_one_task_step_has_no_mutual_information_to_gain():
+    # MI needs two tasks' rows; a step that trains one task leaves the other's row empty.
+    engine = LocalEngine(make_model())
+    result = make_step(engine)(make_plan(tasks=("textures",)), {"shapes": 1.0, "textures": 1.0})
+    assert list(result.task_losses) == ["textures"]
+    assert result.mutual_information == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mutual_information_off_is_not_computed():
+    engine = LocalEngine(make_model())
+    aux = AuxLossConfig(load_balance=0.0, z_loss=0.0, mutual_information=0.0)
+    result = make_step(engine, aux)(make_plan(), {"shapes": 1.0, "textures": 1.0})
+    assert result.mutual_information is None
+    assert result.total == pytest.approx(
+        result.task_losses["shapes"]["loss"] + result.task_losses["textures"]["loss"], rel=1e-6
+    )
+
+
+def test_mutual_information_gradient_is_scaled_by_the_world_size():
+    # The engine averages gradients over W ranks; the step scales the MI term by W so that the update
+    # is the gradient of a_mi * MI(global statistics). With one process the statistics are local, so
+    # W = 2 must give exactly the gradient of a doubled MI coefficient.
+    plan = make_plan()
+    weights = {"shapes": 1.0, "textures": 1.0}
+    scaled = LocalEngine(make_model(), lr=1.0)
+    make_step(scaled, AuxLossConfig(0.0, 0.0, 0.1), world_size=2)(plan, weights)
+    doubled = LocalEngine(make_model(), lr=1.0)
+    make_step(doubled, AuxLossConfig(0.0, 0.0, 0.2), world_size=1)(plan, weights)
+    for (name, a), (_, b) in zip(scaled.module.named_parameters(), doubled.module.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+def test_move_batch_moves_nested_tensors_and_keeps_the_rest():
+    boxes = torch.zeros(1, 4)
+    batch = {
+        "images": torch.zeros(1, 3, 2, 2),
+        "targets": [{"boxes": boxes}],
+        "keys": ["a"],
+        "num_skipped": 0,
+    }
+    moved = move_batch(batch, torch.device("meta"))
+    assert moved["images"].is_meta and moved["targets"][0]["boxes"].is_meta
+    assert moved["keys"] == ["a"] and moved["num_skipped"] == 0
