@@ -22,4 +22,4 @@ if [[ -n "${MASTER_PORT:-}" ]]; then
 fi
 
 exec "${PYTHON:-python}" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node "$nproc" \
-    -m moevit.train.cli train "$@"
+    -m moevit.cli train "$@"

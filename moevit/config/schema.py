@@ -8,7 +8,7 @@ the variant's value", so a config only names what it changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 TaskType = Literal["classification", "detection", "segmentation"]
 DatasetFormat = Literal["imagenet", "coco", "ade20k"]
@@ -90,6 +90,7 @@ class TaskConfig:
     type: TaskType
     num_classes: int
     data: DatasetConfig | None = None
+    head_options: dict[str, Any] = field(default_factory=dict)  # head constructor arguments (moevit.heads)
     loss_weight: float = 1.0  # static weight; the loss balancer may change it during training
 
     def validate(self) -> None:

@@ -1,10 +1,12 @@
-"""Build the backbone a config describes."""
+"""Build the models a config describes."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from moevit.heads import build_head
 from moevit.models.moe_vit import MoEViT
+from moevit.models.multitask import MultiTaskModel
 from moevit.models.registry import create_model
 
 if TYPE_CHECKING:
@@ -14,3 +16,19 @@ if TYPE_CHECKING:
 def build_backbone(cfg: Config) -> MoEViT:
     """The registered variant `cfg.model.name` with the config's overrides, one router per task."""
     return create_model(cfg.model.name, tasks=list(cfg.tasks), **cfg.model.variant_overrides())
+
+
+def build_model(cfg: Config) -> MultiTaskModel:
+    """Backbone plus one head per task (`tasks.<name>.head_options` go to the head's constructor)."""
+    backbone = build_backbone(cfg)
+    heads = {
+        name: build_head(
+            task.type,
+            task.num_classes,
+            backbone,
+            task.data.image_size if task.data else 224,
+            **task.head_options,
+        )
+        for name, task in cfg.tasks.items()
+    }
+    return MultiTaskModel(backbone, heads)

@@ -5,11 +5,11 @@
 
 With `--nproc N > 1` outside a launcher, the command checks the config for N processes, then re-runs
 itself under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N -m
-moevit.train.cli ...`), so a bad config is refused once, before any worker or process group starts.
-Under a launcher (torchrun, `deepspeed --no_local_rank --module moevit.train.cli`, see launch/), the
+moevit.cli ...`), so a bad config is refused once, before any worker or process group starts.
+Under a launcher (torchrun, `deepspeed --no_local_rank --module moevit.cli`, see launch/), the
 launcher's WORLD_SIZE decides and `--nproc` must agree with it or be left out.
 
-`python -m moevit.train.cli` is the entry point the workers run; it accepts the same two commands.
+`python -m moevit.cli` is the entry point the workers run; it accepts the same two commands.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LAUNCH_MODULE = "moevit.train.cli"
+LAUNCH_MODULE = "moevit.cli"
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:
-    """Runs `python -m moevit.train.cli <argv>` in `nproc` local processes under torchrun.
+    """Runs `python -m moevit.cli <argv>` in `nproc` local processes under torchrun.
 
     `argv` carries no `--nproc`: torchrun's parser would take it for an abbreviation of its own
     `--nproc-per-node`; the workers read the world size from torchrun's variables instead.
@@ -128,27 +128,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moevit", description="moevit training and evaluation")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(commands)
-    add_eval_parser(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from moevit.config.errors import ConfigError
-    from moevit.data.errors import DatasetLayoutError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DatasetLayoutError) as err:
-        print(f"moevit: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class RunLogger:
         self._counts: dict[tuple[str | None, str], int] = defaultdict(int)
         self._images = 0
         self._seconds = 0.0
+        self._skipped: dict[str, int] = {}
         if not enabled:
             return
         drop_lines_after(metrics_file, start_step)
@@ -70,10 +72,16 @@ class RunLogger:
         self._tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def log_step(self, step: int, result: StepResult, lr: float, seconds: float) -> None:
-        """Records one step; writes a record every `log_every` steps; updates the bar every step."""
+    def log_step(
+        self, step: int, result: StepResult, lr: float, seconds: float, skipped: Mapping[str, int]
+    ) -> None:
+        """Records one step; writes a record every `log_every` steps; updates the bar every step.
+
+        `skipped`: corrupt samples skipped so far per task, over all ranks (moevit.data.skip).
+        """
         if not self.enabled:
             return
+        self._skipped = dict(skipped)
         for task, values in result.task_losses.items():
             for key, value in values.items():
                 self._add(task, key, value)
@@ -99,6 +107,8 @@ class RunLogger:
         records: dict[str | None, dict[str, float]] = defaultdict(dict)
         for (task, key), total in self._sums.items():
             records[task][key] = total / self._counts[task, key]
+        for task, count in self._skipped.items():
+            records[task]["corrupt_samples_skipped"] = count
         records[None]["lr"] = lr
         records[None]["images_per_second"] = self._images / max(self._seconds, 1e-9)
         tasks = [task for task in records if task is not None] + [None]

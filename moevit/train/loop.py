@@ -27,7 +27,7 @@ from moevit.parallel.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from moevit.parallel.collectives import barrier, is_main_process
+from moevit.parallel.collectives import all_reduce_sum, barrier, is_main_process
 from moevit.parallel.engine import build_engine
 from moevit.parallel.env import detect_environment
 from moevit.parallel.expert_parallel import apply_expert_parallel
@@ -73,6 +73,12 @@ def resolve_checkpoint(
     if path.is_dir() and path.parent.name == "checkpoints" and find_latest_checkpoint(path.parent.parent):
         return path.parent.parent, path.name
     raise ConfigError(f"{flag} {path}", "neither a run dir nor a complete checkpoint <run>/checkpoints/<tag>")
+
+
+def skipped_samples_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
+    """Each rank's loader counts its own corrupt samples; the run reports their sum."""
+    summed = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
+    return {task: round(total) for task, total in zip(counts, summed.tolist())}
 
 
 def evaluate_model(model: torch.nn.Module, cfg: Config, rank: int, world_size: int, device: torch.device):
@@ -127,7 +133,8 @@ def run_training(
         result = train_step(next(loader), balancer.weights())
         balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
         usage.add(result.expert_counts)
-        logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started)
+        skipped = skipped_samples_over_ranks(loader.skipped_counts(), device)
+        logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started, skipped)
         if is_due(step, cfg.train.eval_every, last):
             metrics = evaluate_model(engine.module, cfg, env.rank, env.world_size, device)
             logger.log_eval(step, metrics)

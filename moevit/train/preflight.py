@@ -15,9 +15,9 @@ import torch
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
 from moevit.layers.moe_mlp import MoEMlp
+from moevit.models.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.setup import check_layout
-from moevit.train.smoke import build_multitask_model
 
 
 def build_checked_model(cfg: Config, world_size: int, source: str = "config") -> MultiTaskModel:
@@ -39,8 +39,8 @@ def build_checked_model(cfg: Config, world_size: int, source: str = "config") ->
             raise ConfigError(source, f"'tasks.{name}.data.root': {task.data.root} is not a directory")
     torch.manual_seed(cfg.seed)  # every rank builds identical weights; EP then keeps each rank's shard
     try:
-        model = build_multitask_model(cfg)
-    except ValueError as err:
+        model = build_model(cfg)
+    except (ValueError, TypeError) as err:  # TypeError: an unknown head option
         raise ConfigError(source, f"the model of 'model' and 'tasks' cannot be built: {err}") from None
     # Expert parallelism shards the MLP experts (moevit.parallel.expert_parallel); attention experts stay whole.
     expert_counts = {module.num_experts for module in model.modules() if isinstance(module, MoEMlp)}

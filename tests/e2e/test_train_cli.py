@@ -24,6 +24,9 @@ EVAL_METRICS = {"imagenet": {"top1", "top5"}, "coco": {"bbox_mAP", "bbox_mAP_50"
 def config_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     write_synthetic_datasets(root / "synth", size="tiny")
+    # Truncate every 4th training image of one task: training must skip, count and report them.
+    for path in sorted((root / "synth" / "imagenet" / "train").glob("*/*.JPEG"))[::4]:
+        path.write_bytes(path.read_bytes()[:200])
 
     def data(fmt, batch_size):
         return {"format": fmt, "root": str(root / "synth" / fmt), "image_size": 32, "batch_size": batch_size}
@@ -45,8 +48,8 @@ def config_file(tmp_path_factory):
 
 
 def moevit(*args: str) -> subprocess.CompletedProcess:
-    """`python -m moevit.train.cli ARGS`, the entry point `moevit train/eval` and the workers share."""
-    command = [sys.executable, "-m", "moevit.train.cli", *args]
+    """`python -m moevit.cli ARGS`, the entry point `moevit train/eval` and the workers share."""
+    command = [sys.executable, "-m", "moevit.cli", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
@@ -79,6 +82,8 @@ def test_train_writes_the_run_dir_resumes_and_evaluates(config_file, tmp_path):
     train = [r for r in records if r["split"] == "train"]
     assert {r["task"] for r in train} == {"imagenet", "coco", "ade20k", None}
     assert all("loss" in r and "weight" in r for r in train if r["task"] is not None)
+    skipped = {r["task"]: r["corrupt_samples_skipped"] for r in train if r["task"] is not None}
+    assert skipped["imagenet"] > 0 and skipped["coco"] == skipped["ade20k"] == 0
     check_eval_metrics(eval_records(records, step=2))
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"

@@ -113,11 +113,11 @@ def test_max_batches_caps_every_task(synth_root):
 
 def test_a_tiny_multitask_model_gives_every_metric(synth_root):
     pytest.importorskip("moevit.heads", reason="moevit.heads (task heads) is not importable yet")
-    from moevit.train.smoke import build_multitask_model
+    from moevit.models.factory import build_model
 
     cfg = make_config(synth_root)
     torch.manual_seed(0)
-    model = build_multitask_model(cfg)
+    model = build_model(cfg)
     results = evaluate(model, cfg, max_batches=1)
     assert {task: sorted(metrics) for task, metrics in results.items()} == {
         "imagenet": ["top1", "top5"],

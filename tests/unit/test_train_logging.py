@@ -19,6 +19,9 @@ def result(loss_a: float, images: int = 6, mutual_information: float | None = -0
     )
 
 
+NONE_SKIPPED = {"a": 0, "b": 0}
+
+
 def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -29,13 +32,20 @@ def make_logger(tmp_path, start_step=0, log_every=2, enabled=True):
 
 def test_train_records_average_the_steps_since_the_last_record(tmp_path):
     logger = make_logger(tmp_path)
-    logger.log_step(1, result(1.0), lr=0.1, seconds=1.0)
+    logger.log_step(1, result(1.0), lr=0.1, seconds=1.0, skipped={"a": 0, "b": 1})
     assert read_lines(tmp_path / "metrics.jsonl") == []  # log_every=2
-    logger.log_step(2, result(3.0), lr=0.2, seconds=2.0)
+    logger.log_step(2, result(3.0), lr=0.2, seconds=2.0, skipped={"a": 0, "b": 3})
     logger.close()
     a, b, step = read_lines(tmp_path / "metrics.jsonl")
-    assert a == {"step": 2, "split": "train", "task": "a", "loss": 2.0, "weight": 1.0}
-    assert b["task"] == "b" and b["loss"] == 2.0
+    assert a == {
+        "step": 2,
+        "split": "train",
+        "task": "a",
+        "loss": 2.0,
+        "weight": 1.0,
+        "corrupt_samples_skipped": 0,
+    }
+    assert b["task"] == "b" and b["loss"] == 2.0 and b["corrupt_samples_skipped"] == 3  # a running total
     assert step["task"] is None and step["split"] == "train"
     assert step["total_loss"] == 3.0 and step["mutual_information"] == pytest.approx(-0.1)
     assert step["lr"] == 0.2 and step["images_per_second"] == pytest.approx(12 / 3.0)
@@ -43,7 +53,7 @@ def test_train_records_average_the_steps_since_the_last_record(tmp_path):
 
 def test_eval_records_and_tensorboard_events(tmp_path):
     logger = make_logger(tmp_path, log_every=1)
-    logger.log_step(1, result(1.0, mutual_information=None), lr=0.1, seconds=1.0)
+    logger.log_step(1, result(1.0, mutual_information=None), lr=0.1, seconds=1.0, skipped=NONE_SKIPPED)
     logger.log_eval(1, {"a": {"top1": 0.5, "top5": 1.0}})
     logger.close()
     lines = read_lines(tmp_path / "metrics.jsonl")
@@ -55,10 +65,10 @@ def test_eval_records_and_tensorboard_events(tmp_path):
 def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
     logger = make_logger(tmp_path, log_every=1)
     for step in (1, 2, 3):
-        logger.log_step(step, result(1.0), lr=0.1, seconds=1.0)
+        logger.log_step(step, result(1.0), lr=0.1, seconds=1.0, skipped=NONE_SKIPPED)
     logger.close()
     resumed = make_logger(tmp_path, start_step=2, log_every=1)
-    resumed.log_step(3, result(5.0), lr=0.1, seconds=1.0)
+    resumed.log_step(3, result(5.0), lr=0.1, seconds=1.0, skipped=NONE_SKIPPED)
     resumed.close()
     lines = read_lines(tmp_path / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1] * 3 + [2] * 3 + [3] * 3
@@ -67,7 +77,7 @@ def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
 
 def test_other_ranks_write_nothing(tmp_path):
     logger = make_logger(tmp_path, log_every=1, enabled=False)
-    logger.log_step(1, result(1.0), lr=0.1, seconds=1.0)
+    logger.log_step(1, result(1.0), lr=0.1, seconds=1.0, skipped=NONE_SKIPPED)
     logger.log_eval(1, {"a": {"top1": 0.5}})
     logger.close()
     assert list(tmp_path.iterdir()) == []

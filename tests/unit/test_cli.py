@@ -1,0 +1,30 @@
+"""The top-level CLI: override parsing and refusing bad input before any work starts."""
+
+import json
+
+import pytest
+
+from moevit.cli import main
+
+
+def test_overrides_after_flags_are_applied(capsys):
+    assert main(["flops", "configs/demo.yaml", "--json", "model.moe.top_k=1", "model.depth=2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    active_k1 = report["tasks"]["imagenet"]["params_active_per_token"]
+    assert main(["flops", "configs/demo.yaml", "model.depth=2", "--json"]) == 0
+    active_k2 = json.loads(capsys.readouterr().out)["tasks"]["imagenet"]["params_active_per_token"]
+    assert active_k1 < active_k2
+
+
+def test_unknown_flag_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "configs/demo.yaml", "--frobnicate"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_bad_config_before_writing_data(tmp_path, capsys):
+    data = tmp_path / "synth"
+    assert main(["demo", "--data", str(data), "model.moe.topk=1"]) == 2
+    assert "unknown key 'model.moe.topk' (did you mean 'top_k'?)" in capsys.readouterr().err
+    assert not data.exists()
