@@ -3,6 +3,7 @@
 import pytest
 import yaml
 
+from moevit.cli import main as moevit_main
 from moevit.train import cli
 
 
@@ -41,7 +42,7 @@ def no_relaunch(monkeypatch):
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
-    code = cli.main(argv)
+    code = moevit_main(argv)
     return code, capsys.readouterr().err
 
 
@@ -85,6 +86,6 @@ def test_a_good_config_is_relaunched_under_torchrun(tmp_path, monkeypatch):
     config = write_config(tmp_path, **{"parallel.ep_size": 2})
     launched = []
     monkeypatch.setattr(cli, "_relaunch", lambda argv, nproc: launched.append((argv, nproc)) or 0)
-    assert cli.main(["train", str(config), "train.steps=4", "--nproc", "2", "--resume", "auto"]) == 0
+    assert moevit_main(["train", str(config), "train.steps=4", "--nproc", "2", "--resume", "auto"]) == 0
     assert launched == [(["train", str(config), "train.steps=4", "--resume", "auto"], 2)]
     assert not (tmp_path / "run").exists()  # the workers create the run dir, not the launcher
