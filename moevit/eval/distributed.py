@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
-import torch.distributed as dist
-
 from moevit.data.sampler import ResumableDistributedSampler
+from moevit.parallel.collectives import all_gather_objects
 
 
 def padded_rank_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:
@@ -40,15 +39,6 @@ def rank_batches(indices: list[int], batch_size: int, max_batches: int | None) -
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     return batches if max_batches is None else batches[:max_batches]
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order; ``[obj]`` when no process group is initialized."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 class DedupedMetric:
