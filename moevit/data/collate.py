@@ -14,7 +14,7 @@ The functions are module-level so DataLoader workers can pickle them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -77,3 +77,19 @@ def collate_for_task(task_type: str) -> Callable[[Sequence[dict]], dict]:
     if task_type not in COLLATE_FUNCTIONS:
         raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(COLLATE_FUNCTIONS)}")
     return COLLATE_FUNCTIONS[task_type]
+
+
+def move_batch(batch: Mapping, device: torch.device) -> dict:
+    """The tensors of a collated batch on `device`, nested ones (detection targets) included; other
+    values unchanged. No casting: under bf16 the engine runs the forward in autocast."""
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, Mapping):
+            return {key: move(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        return value
+
+    return move(batch)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moevit.config.schema import Config
 from moevit.data.build import build_dataset
-from moevit.data.collate import collate_for_task
+from moevit.data.collate import collate_for_task, move_batch
 from moevit.eval.classification import ClassificationMetric
 from moevit.eval.coco import CocoMetric
 from moevit.eval.distributed import DedupedMetric, padded_rank_indices, rank_batches
@@ -56,17 +56,6 @@ def build_metric(task_type: str, num_classes: int, dataset: Dataset) -> DedupedM
     raise ValueError(f"unknown task type {task_type!r}; expected classification, detection or segmentation")
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype | None) -> dict:
-    moved = dict(batch)
-    moved["images"] = batch["images"].to(device, dtype=dtype)
-    for key in ("labels", "masks"):
-        if key in batch:
-            moved[key] = batch[key].to(device)
-    if "targets" in batch:
-        moved["targets"] = [{key: value.to(device) for key, value in t.items()} for t in batch["targets"]]
-    return moved
-
-
 def _prepare_task(cfg: Config, task: str) -> tuple[Dataset, DedupedMetric]:
     """The task's val split and its empty metric; layout and config errors surface here."""
     task_cfg = cfg.tasks[task]
@@ -101,7 +90,9 @@ def _run_task(
     )
     with torch.no_grad():
         for batch in loader:
-            batch = _to_device(batch, device, dtype)
+            batch = move_batch(batch, device)
+            if dtype is not None:
+                batch["images"] = batch["images"].to(dtype)
             metric.update(model.predict(task, batch), batch)
     metric.sync()
     logger.info("evaluated %s on %d distinct samples of %d", task, metric.num_samples, len(dataset))

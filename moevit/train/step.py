@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moevit.config.schema import AuxLossConfig
+from moevit.data.collate import move_batch
 from moevit.data.multitask import StepPlan
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.layers.router import Routing
@@ -43,22 +44,6 @@ class StepResult:
     total: float  # the optimised objective (MI unscaled by the world size)
     images: int  # images of the step over all ranks
     expert_counts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> task -> (E,)
-
-
-def move_batch(batch: Mapping, device: torch.device) -> dict:
-    """The tensors of a collated batch (moevit.data.collate) on `device`. No casting: under bf16 the
-    engine runs the forward in autocast (moevit.parallel.engine)."""
-
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, Mapping):
-            return {key: move(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [move(item) for item in value]
-        return value
-
-    return move(batch)
 
 
 def globally_summed(local: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from moevit.config.schema import AuxLossConfig
+from moevit.data.collate import move_batch
 from moevit.data.multitask import StepPlan, TaskBatch
 from moevit.heads import build_head
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.models import create_model
 from moevit.models.multitask import MultiTaskModel
-from moevit.train.step import MultiTaskStep, move_batch
+from moevit.train.step import MultiTaskStep
 
 NUM_CLASSES = {"shapes": 3, "textures": 4}
 BATCH_SIZES = {"shapes": 4, "textures": 2}
