@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import os
 import reprlib
 import types
 import typing
@@ -30,6 +29,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from moevit.config.errors import ConfigError
+from moevit.fileio import write_text_atomically
 
 
 class _Invalid(Exception):
@@ -81,17 +81,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Writes the resolved config as YAML; atomic, so a crash never leaves a partial file at `path`."""
-    path = Path(path)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp_path, "w", encoding="utf-8") as stream:
-            yaml.safe_dump(config_to_dict(cfg), stream, sort_keys=False, allow_unicode=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

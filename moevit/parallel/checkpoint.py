@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from deepspeed import DeepSpeedEngine
 
+from moevit.fileio import write_text_atomically
 from moevit.parallel import collectives
 from moevit.parallel.expert_parallel import ExpertParallelExperts, split_expert_key
 
@@ -55,15 +56,6 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _client_state_path(root: Path, tag: str, rank: int) -> Path:
@@ -123,13 +115,13 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     client_path = _client_state_path(root, tag, collectives.rank())
     client_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(client_path, client_text)
+    write_text_atomically(client_path, client_text)
     collectives.barrier()
 
     if collectives.is_main_process():
         marker = {"step": step, "world_size": collectives.world_size(), "ep_size": _ep_size(engine)}
-        _write_atomically(root / tag / COMPLETE_FILE, json.dumps(marker))
-        _write_atomically(root / POINTER_FILE, tag)
+        write_text_atomically(root / tag / COMPLETE_FILE, json.dumps(marker))
+        write_text_atomically(root / POINTER_FILE, tag)
         _remove_old_checkpoints(root, step, keep_last)
     collectives.barrier()
     return tag

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from moevit.data.errors import DatasetLayoutError
+from moevit.fileio import write_text_atomically
 
 INFO_FILE = "_info.json"
 LAYOUT_NAME = "moevit-webdataset-shards"
@@ -125,11 +126,7 @@ class ShardInfo:
 
     def save(self) -> Path:
         """Writes ``_info.json`` atomically, so a reader never sees half of it."""
-        path = self.directory / INFO_FILE
-        temporary = path.with_name(INFO_FILE + ".tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        temporary.replace(path)
-        return path
+        return write_text_atomically(self.directory / INFO_FILE, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ShardInfo:

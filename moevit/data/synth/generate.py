@@ -27,6 +27,7 @@ from moevit.data.synth.spec import (
     JPEG_QUALITY,
     SIZES,
 )
+from moevit.fileio import write_text_atomically
 
 MARKER_FILE = "_synth.json"
 DATASET_DIRS = ("imagenet", "coco", "ade20k")
@@ -59,9 +60,7 @@ def _check_arguments(seed: int, size: str) -> None:
 
 
 def _write_marker(out: Path, marker: dict) -> None:
-    temporary = out / (MARKER_FILE + ".tmp")
-    temporary.write_text(json.dumps(marker, indent=2) + "\n")
-    temporary.replace(out / MARKER_FILE)  # atomic: a reader never sees half a marker
+    write_text_atomically(out / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
 
 
 def _clear_previous_output(out: Path) -> None:
