@@ -20,9 +20,14 @@ DeepSpeed's own `latest` write is turned off (`save_latest=False`): it happens b
 final barrier, while other ranks may still be writing.
 
 Client state is JSON (one file per rank, because RNG and sampler state differ per rank),
-never pickled. DeepSpeed saves neither RNG nor data-loader state, hence `capture_rng_state`.
+never pickled. Every `.pt` file is read with `torch.load(weights_only=True)`: tensors, containers and
+plain scalars only, so a tampered file carrying a pickle payload (an object whose `__reduce__` runs
+code) is refused with `UnsafeCheckpointError` naming the file. DeepSpeed's own loader unpickles
+(`weights_only=False`), so `load_checkpoint` swaps the engine's checkpoint engine for
+`WeightsOnlyCheckpointEngine` first; DeepSpeed reads every checkpoint file through it. DeepSpeed saves neither RNG nor data-loader state, hence `capture_rng_state`.
 Optimizer state is per rank and tied to the world size and ep_size it was saved with;
-loading checks both.
+loading checks both (`moevit ckpt reshard`, moevit.parallel.reshard, converts a checkpoint to another
+ep_size).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +45,12 @@ from typing import Any
 import numpy as np
 import torch
 from deepspeed import DeepSpeedEngine
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
+from moevit.faults import maybe_kill_in_checkpoint
 from moevit.fileio import write_text_atomically
 from moevit.parallel import collectives
 from moevit.parallel.expert_parallel import ExpertParallelExperts, split_expert_key
@@ -48,6 +59,51 @@ POINTER_FILE = "latest"
 COMPLETE_FILE = "complete.json"
 CLIENT_STATE_DIR = "client_state"
 _TAG = re.compile(r"^step_(\d+)$")
+
+
+# Plain records DeepSpeed's ZeRO 1/2 optimizer files hold besides tensors (loss-scale settings, the
+# stage enum, parameter slice offsets). Allowed by name: the weights-only unpickler rebuilds them from
+# their saved fields without calling any other code; every other class or function is refused.
+DEEPSPEED_RECORD_TYPES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds more than tensors, containers and plain values (e.g. a pickle payload)."""
+
+
+def load_tensors_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`; anything else in the file raises UnsafeCheckpointError."""
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_RECORD_TYPES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message opens with generic advice; the line naming the offending global says what was found.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else repr(err))
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds non-tensor Python objects, which checkpoints never "
+            f"contain (loaded with torch.load(weights_only=True)); it may have been tampered with ({reason})"
+        ) from None
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, reading with `load_tensors_only` instead of unpickling."""
+
+    def load(self, path: str, map_location=None):
+        return load_tensors_only(path, map_location)
+
+
+def use_weights_only_loading(engine: DeepSpeedEngine) -> None:
+    """Make every checkpoint read of `engine` go through `load_tensors_only`.
+
+    The class is swapped on the existing instance so that its save settings (serialization format)
+    stay as DeepSpeed configured them.
+    """
+    current = engine.checkpoint_engine
+    if type(current) is TorchCheckpointEngine:
+        current.__class__ = WeightsOnlyCheckpointEngine
+    elif not isinstance(current, WeightsOnlyCheckpointEngine):
+        raise TypeError(f"unsupported DeepSpeed checkpoint engine {type(current).__name__}")
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -116,10 +172,16 @@ def save_checkpoint(
     client_path = _client_state_path(root, tag, collectives.rank())
     client_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(client_path, client_text)
+    maybe_kill_in_checkpoint(collectives.rank(), step)  # fault injection (moevit.faults); inert unless set
     collectives.barrier()
 
     if collectives.is_main_process():
-        marker = {"step": step, "world_size": collectives.world_size(), "ep_size": _ep_size(engine)}
+        marker = {
+            "step": step,
+            "world_size": collectives.world_size(),
+            "ep_size": _ep_size(engine),
+            "zero_stage": engine.zero_optimization_stage(),
+        }
         write_text_atomically(root / tag / COMPLETE_FILE, json.dumps(marker))
         write_text_atomically(root / POINTER_FILE, tag)
         _remove_old_checkpoints(root, step, keep_last)
@@ -132,6 +194,9 @@ def _remove_old_checkpoints(root: Path, newest_step: int, keep_last: int) -> Non
     later ones (a run resumed from an older checkpoint leaves them) are not touched."""
     complete = [tag for step, tag in _complete_tags(root) if step <= newest_step]
     for tag in complete[:-keep_last]:
+        # Marker first: a crash halfway through the removal leaves an incomplete directory, never one
+        # that claims to be complete with files missing.
+        (root / tag / COMPLETE_FILE).unlink()
         shutil.rmtree(root / tag)
     for path in root.glob("step_*"):  # interrupted saves older than the one just saved
         match = _TAG.match(path.name)
@@ -151,9 +216,11 @@ def load_checkpoint(engine: DeepSpeedEngine, run_dir: str | os.PathLike, tag: st
     saved = {key: marker[key] for key in layout}
     if saved != layout:
         raise ValueError(
-            f"{root / tag} was saved with {saved}, this run has {layout}; optimizer state is per rank "
-            "and cannot be loaded into another layout"
+            f"{root / tag} was saved with {saved}, this run has {layout}; optimizer state is per rank: "
+            f"convert it first with `moevit ckpt reshard {root / tag} --ep-size "
+            f"{layout['ep_size']} --world-size {layout['world_size']} --out NEW_RUN_DIR`"
         )
+    use_weights_only_loading(engine)
     load_path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -170,12 +237,10 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
     back into (E, ...) tensors. Loads tensors only (`weights_only=True`).
     """
     directory = Path(checkpoint_dir)
-    state = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)[
-        "module"
-    ]
+    state = load_tensors_only(directory / "mp_rank_00_model_states.pt")["module"]
     experts: dict[str, dict[int, torch.Tensor]] = {}
     for path in directory.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
-        for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+        for key, tensor in load_tensors_only(path).items():
             prefix, expert, param = split_expert_key(key)
             experts.setdefault(f"{prefix}.{param}", {})[expert] = tensor
     for key, by_expert in experts.items():

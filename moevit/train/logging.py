@@ -5,10 +5,11 @@ metrics.jsonl holds one JSON object per line, each with ``step`` (optimizer step
 
     {"step": 10, "split": "train", "task": "imagenet", "loss": 2.1, "load_balance": 1.0, "z_loss": 0.0, "weight": 1.0}
     {"step": 10, "split": "train", "task": null, "total_loss": 5.3, "mutual_information": -0.01, "lr": 0.001,
-     "images_per_second": 210.4}
+     "images_per_second": 210.4, "nonfinite_steps_skipped": 0}
     {"step": 10, "split": "eval", "task": "imagenet", "top1": 0.31, "top5": 0.82}
 
-Train values are means over ranks and over the steps since the previous line; eval metrics are fractions
+Train values are means over ranks and over the steps since the previous line (steps skipped for a NaN
+or inf loss are left out of the means; ``nonfinite_steps_skipped`` counts them since the run began); eval metrics are fractions
 in [0, 1]. TensorBoard gets the same values under ``train/<task>/<key>``, ``train/<key>`` and
 ``eval/<task>/<metric>`` in ``tb/``. On resume from step S, lines and events after S are dropped
 first, so the files read as one uninterrupted run.
@@ -64,6 +65,7 @@ class RunLogger:
         self._images = 0
         self._seconds = 0.0
         self._skipped: dict[str, int] = {}
+        self._nonfinite_skipped = 0
         if not enabled:
             return
         drop_lines_after(metrics_file, start_step)
@@ -82,12 +84,16 @@ class RunLogger:
         if not self.enabled:
             return
         self._skipped = dict(skipped)
-        for task, values in result.task_losses.items():
-            for key, value in values.items():
-                self._add(task, key, value)
-        self._add(None, "total_loss", result.total)
-        if result.mutual_information is not None:
-            self._add(None, "mutual_information", result.mutual_information)
+        self._nonfinite_skipped = result.skipped_steps
+        if result.skipped:
+            self._bar.write(f"step {step}: NaN or inf loss on some rank; every rank skipped this update")
+        else:
+            for task, values in result.task_losses.items():
+                for key, value in values.items():
+                    self._add(task, key, value)
+            self._add(None, "total_loss", result.total)
+            if result.mutual_information is not None:
+                self._add(None, "mutual_information", result.mutual_information)
         self._images += result.images
         self._seconds += seconds
         self._bar.set_postfix_str(
@@ -110,6 +116,7 @@ class RunLogger:
         for task, count in self._skipped.items():
             records[task]["corrupt_samples_skipped"] = count
         records[None]["lr"] = lr
+        records[None]["nonfinite_steps_skipped"] = self._nonfinite_skipped
         records[None]["images_per_second"] = self._images / max(self._seconds, 1e-9)
         tasks = [task for task in records if task is not None] + [None]
         for task in tasks:

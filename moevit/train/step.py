@@ -16,6 +16,12 @@ is the schedule's real sampling ratio (``task_prior``), not this batch's token c
 
 Every rank runs the same plan (same tasks, same order), so the all-to-alls inside MoE layers and the
 two all-reduces here pair up on every rank.
+
+Non-finite losses: the logged scalars are reduced over ranks before the backward, together with a count
+of ranks whose objective is NaN or inf. If any rank has one, every rank skips the backward and the
+optimizer step of this step together (same answer from the same all-reduce, so replicas never diverge
+and no collective is left unpaired); the step is counted, and `max_bad_steps` consecutive skipped steps
+stop training with `NonFiniteLossError`. Tests inject such losses through moevit.faults.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import torch
 from moevit.config.schema import AuxLossConfig
 from moevit.data.collate import move_batch
 from moevit.data.multitask import StepPlan
+from moevit.faults import injected_loss
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.layers.router import Routing
-from moevit.parallel.collectives import all_reduce_sum
+from moevit.parallel.collectives import all_reduce_sum, rank
+from moevit.train.errors import NonFiniteLossError
 
 
 @dataclass
@@ -44,6 +52,8 @@ class StepResult:
     total: float  # the optimised objective (MI unscaled by the world size)
     images: int  # images of the step over all ranks
     expert_counts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> task -> (E,)
+    skipped: bool = False  # some rank's objective was NaN or inf: no rank updated the weights
+    skipped_steps: int = 0  # steps skipped so far in this run (resumed runs included)
 
 
 def globally_summed(local: torch.Tensor) -> torch.Tensor:
@@ -62,6 +72,7 @@ class MultiTaskStep:
         task_prior: the real fraction of training samples per task (the schedule's expected ratios).
         world_size: ranks whose gradients the engine averages.
         device: where batches go.
+        max_bad_steps: consecutive skipped (non-finite) steps that stop training; 0 never stops.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class MultiTaskStep:
         task_prior: Mapping[str, float],
         world_size: int,
         device: torch.device,
+        max_bad_steps: int = 0,
     ):
         self.engine = engine
         self.tasks = list(tasks)
@@ -79,8 +91,19 @@ class MultiTaskStep:
         self.task_prior_T = torch.tensor([task_prior[task] for task in self.tasks], dtype=torch.float32)
         self.world_size = world_size
         self.device = device
+        self.max_bad_steps = max_bad_steps
+        self.skipped_steps = 0
+        self.consecutive_skipped = 0
 
-    def __call__(self, plan: StepPlan, weights: Mapping[str, float]) -> StepResult:
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "consecutive_skipped": self.consecutive_skipped}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skipped = state["consecutive_skipped"]
+
+    def __call__(self, plan: StepPlan, weights: Mapping[str, float], step: int | None = None) -> StepResult:
+        """Runs the step; `step` (1-based) only serves fault injection (moevit.faults)."""
         task_total = torch.zeros((), device=self.device)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         routing_by_task: dict[str, dict[str, Routing]] = {}
@@ -98,10 +121,17 @@ class MultiTaskStep:
         total = task_total
         if mutual_information is not None:
             total = total + self.aux_loss.mutual_information * self.world_size * mutual_information
-        self.engine.backward(total)
-        self.engine.step()
-
-        result = self.reduce_over_ranks(parts, task_total, mutual_information, images)
+        injected = injected_loss(rank(), step) if step is not None else None
+        if injected is not None:
+            total = total + injected
+        result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
+        if result.skipped:
+            self.record_skipped(step)
+        else:
+            self.consecutive_skipped = 0
+            self.engine.backward(total)
+            self.engine.step()
+        result.skipped_steps = self.skipped_steps
         for task in plan.tasks:
             result.task_losses[task]["weight"] = weights[task]
         result.expert_counts = {
@@ -109,6 +139,17 @@ class MultiTaskStep:
             for layer in routing_by_task[plan.tasks[0]]
         }
         return result
+
+    def record_skipped(self, step: int | None) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        if self.max_bad_steps and self.consecutive_skipped >= self.max_bad_steps:
+            where = f" (the last at step {step})" if step is not None else ""
+            raise NonFiniteLossError(
+                f"training stopped: the loss was NaN or inf on some rank in {self.consecutive_skipped} "
+                f"consecutive steps{where}, each skipped; train.max_bad_steps={self.max_bad_steps}. "
+                "Lower train.optim.lr, check the data, or resume from an earlier checkpoint."
+            )
 
     def task_objective(
         self, losses: Mapping[str, torch.Tensor], routings: list[Routing], weight: float
@@ -141,11 +182,14 @@ class MultiTaskStep:
         task_total: torch.Tensor,
         mutual_information: torch.Tensor | None,
         images: int,
+        objective: torch.Tensor,
     ) -> StepResult:
-        """Means over ranks of every logged scalar, in one all-reduce (on the device: NCCL needs it)."""
+        """Means over ranks of every logged scalar, and whether any rank's `objective` is not finite,
+        in one all-reduce (on the device: NCCL needs it)."""
         names = [(task, name) for task, named in parts.items() for name in named]
         values = [parts[task][name].detach().reshape(()) for task, name in names]
-        values += [task_total.detach(), torch.tensor(float(images), device=self.device)]
+        nonfinite = (~torch.isfinite(objective.detach())).to(self.device, torch.float64).reshape(())
+        values += [task_total.detach(), torch.tensor(float(images), device=self.device), nonfinite]
         if mutual_information is not None:
             values.append(mutual_information.detach())
         summed = all_reduce_sum(torch.stack([v.double() for v in values])).tolist()
@@ -153,8 +197,9 @@ class MultiTaskStep:
         task_losses: dict[str, dict[str, float]] = {task: {} for task in parts}
         for (task, name), value in zip(names, means):
             task_losses[task][name] = value
-        mi_value = means[len(names) + 2] if mutual_information is not None else None
+        mi_value = means[len(names) + 3] if mutual_information is not None else None
         total = means[len(names)] + (
             self.aux_loss.mutual_information * mi_value if mi_value is not None else 0.0
         )
-        return StepResult(task_losses, mi_value, total, images=round(summed[len(names) + 1]))
+        skipped = summed[len(names) + 2] > 0  # ranks with a non-finite objective
+        return StepResult(task_losses, mi_value, total, images=round(summed[len(names) + 1]), skipped=skipped)

@@ -1,0 +1,301 @@
+"""Offline resharding of a checkpoint to another expert-parallel size (and world size), optimizer included.
+
+DeepSpeed writes expert weights per global expert (any ep_size reads them) but the optimizer state per
+expert-parallel rank: `expp_rank_<r>_mp_rank_00_optim_states.pt` holds AdamW's state of rank r's
+experts and of every dense parameter, and DeepSpeed cannot load it at another ep_size. This module
+rewrites a complete checkpoint for ep_size Q and world size W' (`moevit ckpt reshard`):
+
+- dense parameters' optimizer state is the same on every rank (their gradients are averaged over all
+  ranks), so rank 0's is given to every new rank;
+- each expert's state (exp_avg, exp_avg_sq, step) follows its expert: in an optimizer file the MoE
+  parameter groups list, per MoE layer, the rank's local experts in order, each with its parameters in
+  registration order (`ExpertMlp`: fc1_weight, fc2_weight, then the biases), weights in the decay group
+  and biases in the no-decay group (moevit.parallel.engine.optimizer_param_groups). Global expert
+  g = r * E/P + local index. Shapes are checked against the per-expert weight files;
+- weights, LR schedule and step counters are copied; the MoE groups are renamed `ep_size_<Q>`;
+- client state (moevit.parallel.checkpoint) is per rank: new rank q starts from old rank q mod W. Each
+  task's sampler position is converted through the global sample stream (ranks read strided slices of
+  one permutation per epoch), exact when the dataset and the samples read divide evenly over both world
+  sizes, else moved to the next epoch boundary (reported). Corrupt-sample counts move to rank 0 so their
+  sum is kept. RNG streams are per rank and cannot be continued exactly on another world size.
+
+Only ZeRO stage 0 is supported: ZeRO 1/2 store flat fp32 partitions whose layout depends on the
+world size; such checkpoints are refused with a clear error. Every file is read with
+`load_tensors_only` (weights_only=True).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moevit.fileio import write_text_atomically
+from moevit.parallel.checkpoint import (
+    CLIENT_STATE_DIR,
+    COMPLETE_FILE,
+    POINTER_FILE,
+    checkpoint_root,
+    find_latest_checkpoint,
+    load_tensors_only,
+)
+from moevit.parallel.expert_parallel import split_expert_key
+from moevit.parallel.setup import expert_group_name
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def _optimizer_file(ep_rank: int) -> str:
+    return f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+
+
+def _expert_file(layer: int, expert: int) -> str:
+    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+class ReshardError(ValueError):
+    """The checkpoint cannot be resharded as asked; the message says why and where."""
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """What the per-expert files say: MoE layers, experts per layer, and each expert's parameters."""
+
+    num_layers: int
+    num_experts: int
+    params: tuple[tuple[str, torch.Size], ...]  # (name, shape) of one expert, in registration order
+
+    def kinds(self) -> list[list[int]]:
+        """Positions in `params` of the decay group's parameters (ndim > 1), then of the no-decay one's."""
+        decay = [i for i, (_, shape) in enumerate(self.params) if len(shape) > 1]
+        no_decay = [i for i, (_, shape) in enumerate(self.params) if len(shape) <= 1]
+        return [kind for kind in (decay, no_decay) if kind]
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory (`<run>/checkpoints/<tag>`), or a run dir (its newest complete one)."""
+    path = Path(path)
+    if (path / COMPLETE_FILE).is_file():
+        return path
+    tag = find_latest_checkpoint(path) if checkpoint_root(path).is_dir() else None
+    if tag is None:
+        raise ReshardError(f"{path}: neither a complete checkpoint directory nor a run dir holding one")
+    return checkpoint_root(path) / tag
+
+
+def read_expert_layout(directory: Path, num_layers: int) -> ExpertLayout:
+    counts = []
+    params: tuple[tuple[str, torch.Size], ...] | None = None
+    for layer in range(num_layers):
+        files = sorted(directory.glob(f"layer_{layer}_expert_*_mp_rank_00_model_states.pt"))
+        counts.append(len(files))
+        state = load_tensors_only(directory / _expert_file(layer, 0))
+        layer_params = tuple((split_expert_key(key)[2], tensor.shape) for key, tensor in state.items())
+        if params is not None and layer_params != params:
+            raise ReshardError(
+                f"{directory}: MoE layer {layer}'s experts differ from layer 0's ({layer_params})"
+            )
+        params = layer_params
+    if not counts or len(set(counts)) != 1 or counts[0] == 0:
+        raise ReshardError(
+            f"{directory}: expected the same number of expert files per MoE layer, got {counts}"
+        )
+    return ExpertLayout(num_layers, counts[0], params)
+
+
+def _moe_group_positions(groups: list[dict]) -> list[int]:
+    return [i for i, group in enumerate(groups) if group.get("moe")]
+
+
+def _split_states(optimizer: dict, layout: ExpertLayout, where: Path):
+    """(param groups, state, {MoE group index: positions in layout.params of its parameters})."""
+    groups, state = optimizer["param_groups"], optimizer["state"]
+    moe_positions = _moe_group_positions(groups)
+    kinds = layout.kinds()
+    if len(moe_positions) != len(kinds):
+        raise ReshardError(
+            f"{where}: {len(moe_positions)} MoE optimizer groups, expected {len(kinds)} "
+            "(decay and no-decay expert parameters)"
+        )
+    return groups, state, dict(zip(moe_positions, kinds))
+
+
+def reshard_optimizer(
+    old: list[dict], layout: ExpertLayout, old_ep: int, new_ep: int, where: Path
+) -> list[dict]:
+    """The optimizer state dict of every new expert-parallel rank, from those of every old one."""
+    local_old, local_new = layout.num_experts // old_ep, layout.num_experts // new_ep
+    experts: dict[tuple[int, int, int], dict] = {}
+    reference_groups = None
+    for rank, optimizer in enumerate(old):
+        groups, state, kind_of_group = _split_states(optimizer, layout, where)
+        reference_groups = reference_groups or groups
+        for group_index, group in enumerate(groups):
+            if group_index not in kind_of_group:
+                continue
+            kind = kind_of_group[group_index]
+            expected = layout.num_layers * local_old * len(kind)
+            if len(group["params"]) != expected:
+                raise ReshardError(
+                    f"{where}: rank {rank}'s MoE group {group_index} has {len(group['params'])} parameters, "
+                    f"expected {expected} ({layout.num_layers} layers x {local_old} experts x {len(kind)})"
+                )
+            for position, index in enumerate(group["params"]):
+                layer, rest = divmod(position, local_old * len(kind))
+                local, k = divmod(rest, len(kind))
+                param = kind[k]
+                if index in state:
+                    name, shape = layout.params[param]
+                    saved_shape = state[index]["exp_avg"].shape if "exp_avg" in state[index] else shape
+                    if saved_shape != shape:
+                        raise ReshardError(
+                            f"{where}: optimizer state of {name} (layer {layer}) is {tuple(saved_shape)}, "
+                            f"the expert file says {tuple(shape)}"
+                        )
+                    experts[layer, rank * local_old + local, param] = state[index]
+
+    dense_groups = [i for i in range(len(reference_groups)) if not reference_groups[i].get("moe")]
+    kind_of_group = _split_states(old[0], layout, where)[2]
+    new_states = []
+    for new_rank in range(new_ep):
+        groups, state, next_index = [], {}, 0
+        for group_index, group in enumerate(reference_groups):
+            new_group = {key: copy.deepcopy(value) for key, value in group.items() if key != "params"}
+            params = []
+            if group_index in dense_groups:
+                for index in group["params"]:
+                    if index in old[0]["state"]:
+                        state[next_index] = old[0]["state"][index]
+                    params.append(next_index)
+                    next_index += 1
+            else:
+                new_group["name"] = expert_group_name(new_ep)
+                kind = kind_of_group[group_index]
+                for layer in range(layout.num_layers):
+                    for local in range(local_new):
+                        for param in kind:
+                            key = (layer, new_rank * local_new + local, param)
+                            if key in experts:
+                                state[next_index] = experts[key]
+                            params.append(next_index)
+                            next_index += 1
+            new_group["params"] = params
+            groups.append(new_group)
+        new_states.append({"state": state, "param_groups": groups})
+    return new_states
+
+
+def _reshard_sampler(saved: dict, new_world: int) -> tuple[dict, int, bool]:
+    """(sampler state, samples consumed, exact?) for `new_world` ranks reading the same global stream."""
+    old_world, size = saved["world_size"], saved["dataset_size"]
+    new_per_epoch = -(-size // new_world)
+    epoch, position = saved["epoch"], saved["position"]
+    read = position * old_world  # samples of this epoch read by all ranks together
+    exact = position == 0 or (size % old_world == 0 and size % new_world == 0 and read % new_world == 0)
+    if exact:
+        position = read // new_world  # < new_per_epoch, since read < size
+    else:
+        epoch, position = epoch + 1, 0  # the rest of this epoch is skipped
+    return (
+        {**saved, "epoch": epoch, "position": position, "world_size": new_world},
+        (epoch * new_per_epoch + position),
+        exact,
+    )
+
+
+def reshard_client_states(old: list[dict], new_world: int) -> tuple[list[dict], list[str]]:
+    """Per-rank client states for `new_world` ranks, and notes on what could not be kept exactly."""
+    notes = []
+    if len(old) != new_world:
+        notes.append(f"RNG streams: new rank q continues old rank q mod {len(old)}'s (not bit-exact)")
+    new_states = [copy.deepcopy(old[rank % len(old)]) for rank in range(new_world)]
+    loaders = [state.get("loader") for state in old]
+    if loaders[0] is None:
+        return new_states, notes
+    for task, saved in loaders[0]["tasks"].items():
+        sampler, consumed, exact = _reshard_sampler(saved["sampler"], new_world)
+        if not exact:
+            notes.append(f"task {task}: the sample stream resumes at the start of epoch {sampler['epoch']}")
+        skipped_total = sum(loader["tasks"][task]["skipped"] for loader in loaders)
+        for rank, state in enumerate(new_states):
+            task_state = state["loader"]["tasks"][task]
+            task_state.update(sampler=sampler, samples_consumed=consumed)
+            task_state["skipped"] = skipped_total if rank == 0 else 0
+    return new_states, notes
+
+
+def reshard_checkpoint(
+    checkpoint: str | os.PathLike, ep_size: int, out_run_dir: str | os.PathLike, world_size: int | None = None
+) -> tuple[Path, list[str]]:
+    """Writes `checkpoint` resharded for `ep_size` (and `world_size`, default ep_size) as the newest
+    checkpoint of the run dir `out_run_dir`; returns its directory and notes on inexact parts.
+
+    Resume from it with `moevit train CONFIG parallel.ep_size=<ep_size> --nproc <world_size> --resume OUT`.
+    """
+    source = resolve_checkpoint_dir(checkpoint)
+    marker = json.loads((source / COMPLETE_FILE).read_text())
+    world_size = world_size or ep_size
+    if ep_size < 1 or world_size % ep_size:
+        raise ReshardError(f"--ep-size {ep_size} must be >= 1 and divide the world size {world_size}")
+    if marker.get("zero_stage", 0) != 0 or list(source.glob("zero_pp_rank_*_optim_states.pt")):
+        raise ReshardError(
+            f"{source} was saved with ZeRO stage {marker.get('zero_stage', '1 or 2')}: its optimizer state is "
+            "flat fp32 partitions laid out for that world size; resharding supports parallel.zero_stage=0 only"
+        )
+    model_state = load_tensors_only(source / MODEL_FILE)
+    num_layers = len(model_state["num_experts"])
+    layout = read_expert_layout(source, num_layers)
+    if layout.num_experts % ep_size:
+        raise ReshardError(
+            f"--ep-size {ep_size} does not divide the {layout.num_experts} experts per MoE layer"
+        )
+    old_ep, old_world = marker["ep_size"], marker["world_size"]
+    old_optimizers = [load_tensors_only(source / _optimizer_file(r))["optimizer"] for r in range(old_ep)]
+    new_optimizers = reshard_optimizer(old_optimizers, layout, old_ep, ep_size, source)
+    client_dir = source / CLIENT_STATE_DIR
+    old_clients = [json.loads((client_dir / f"rank_{r:05d}.json").read_text()) for r in range(old_world)]
+    new_clients, notes = reshard_client_states(old_clients, world_size)
+
+    root = checkpoint_root(out_run_dir)
+    target = root / source.name
+    if target.exists():
+        raise ReshardError(f"{target} already exists; choose another --out")
+    staging = root / f".{source.name}.resharding"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / CLIENT_STATE_DIR).mkdir(parents=True)
+    for path in source.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
+        shutil.copy2(path, staging / path.name)
+    model_state["optimizer"] = new_optimizers[0]  # DeepSpeed reads the expp files; kept consistent anyway
+    model_state["dp_world_size"] = world_size
+    torch.save(model_state, staging / MODEL_FILE)
+    for rank, optimizer in enumerate(new_optimizers):
+        torch.save({"optimizer": optimizer}, staging / _optimizer_file(rank))
+    for rank, client in enumerate(new_clients):
+        write_text_atomically(staging / CLIENT_STATE_DIR / f"rank_{rank:05d}.json", json.dumps(client))
+    new_marker = {
+        **marker,
+        "world_size": world_size,
+        "ep_size": ep_size,
+        "zero_stage": 0,
+        "resharded_from": {"checkpoint": str(source), "world_size": old_world, "ep_size": old_ep},
+    }
+    write_text_atomically(staging / COMPLETE_FILE, json.dumps(new_marker))
+    os.replace(staging, target)
+    write_text_atomically(root / POINTER_FILE, target.name)
+    return target, notes
+
+
+def summarize(target: Path, notes: list[str]) -> str:
+    marker = json.loads((target / COMPLETE_FILE).read_text())
+    old = marker["resharded_from"]
+    lines = [
+        f"resharded {old['checkpoint']} (world size {old['world_size']}, ep_size {old['ep_size']})",
+        f"       -> {target} (world size {marker['world_size']}, ep_size {marker['ep_size']})",
+        *(f"note: {note}" for note in notes),
+    ]
+    return "\n".join(lines)

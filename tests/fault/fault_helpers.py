@@ -1,0 +1,128 @@
+"""Helpers of the fault-injection suite: a small two-task config, and `moevit` CLI runs that can be killed.
+
+Runs go through the real entry point (`python -m moevit.cli`, what `moevit` runs) with torchrun
+underneath for `--nproc 2`; every launch has a hard timeout and its whole process group is killed on
+the way out, so a hang fails the test instead of CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+LAUNCH_TIMEOUT_S = 180
+
+
+def two_task_config(synth_root: Path, output_dir: Path, steps: int, **train) -> dict:
+    """moevit_debug (4 experts, top-2) with two classification tasks on the tiny ImageNet folder, EP=2:
+    small checkpoints (a few MB), so a checkpoint every step stays cheap."""
+
+    def data(batch_size):
+        root = str(synth_root / "imagenet")
+        return {"format": "imagenet", "root": root, "image_size": 32, "batch_size": batch_size}
+
+    return {
+        "model": {"name": "moevit_debug"},
+        "tasks": {
+            "shapes": {"type": "classification", "num_classes": 10, "data": data(8)},
+            "objects": {"type": "classification", "num_classes": 10, "data": data(4)},
+        },
+        "aux_loss": {"mutual_information": 0.1},
+        "train": {
+            "steps": steps,
+            "log_every": 1,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "checkpoint_every": 1,
+            "keep_last": 2,
+            "num_workers": 0,  # augmentation draws from the checkpointed main-process RNG: exact resume
+            "optim": {"warmup_steps": 4},
+            **train,
+        },
+        "parallel": {"ep_size": 2},
+        "output_dir": str(output_dir),
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def moevit_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moevit.cli", *args]
+
+
+def run_moevit(*args: str, env: dict | None = None, timeout: float = LAUNCH_TIMEOUT_S):
+    """Runs `moevit ARGS` to the end in its own process group; returns the CompletedProcess."""
+    process = subprocess.Popen(
+        moevit_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"moevit {' '.join(args)} exceeded {timeout} s\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    finally:
+        kill_group(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the launch and every worker it started (they share its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the newest train record in metrics.jsonl (0 if none yet)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def kill_when_logged(args: list[str], run_dir: Path, step: int, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    """Starts `moevit ARGS`, waits until metrics.jsonl holds `step`, then SIGKILLs every process of it."""
+    process = subprocess.Popen(
+        moevit_command(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while last_logged_step(run_dir) < step:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"training exited ({process.returncode}) before step {step}:\n{process.stderr.read()[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"training did not reach step {step} within {timeout} s")
+            time.sleep(0.02)
+    finally:
+        kill_group(process)
