@@ -1,0 +1,160 @@
+"""Extraction: slice a trained multi-task model down to some tasks and a plan of kept experts.
+
+For each MoE MLP layer the kept experts' stacked weights (fc1/fc2 weight and bias, index dim 0) and,
+for every kept task, the matching rows of its gate (and of its usage counter) are copied; a layer
+keeping a single expert gets that expert's weights as a plain MLP. Everything else shared (patch
+embedding, attention, norms, dense MLPs) is copied unchanged, the kept tasks' heads and task
+embeddings too; other tasks' gates, embeddings and heads are dropped. The target architecture comes
+from the manifest (manifest.py), so the copy is checked key by key and shape by shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moevit.config import save_config
+from moevit.config.schema import Config
+from moevit.layers.moe_mlp import MoEMlp
+from moevit.models.moe_vit import MoEViT
+from moevit.models.multitask import MultiTaskModel
+from moevit.prune.manifest import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
+
+_EXPERT_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.experts\.(fc[12]_(?:weight|bias))$")
+_GATE_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.router\.gates\.[^.]+\.(weight|usage)$")
+_DENSE_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.(fc[12])\.(weight|bias)$")
+
+
+def check_tasks(tasks: Sequence[str], available: Sequence[str], source: str = "--task") -> list[str]:
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise ValueError(f"{source}: name at least one task")
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise ValueError(f"{source}: unknown task(s) {unknown}; the checkpoint's tasks are {list(available)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"{source}: task names repeat: {tasks}")
+    return tasks
+
+
+def mlp_layers(backbone: MoEViT) -> dict[str, MoEMlp]:
+    """MoE MLP layers by name ("blocks.<i>.mlp"), in forward order."""
+    return {name: module for name, module in backbone.routed_layers() if isinstance(module, MoEMlp)}
+
+
+def check_plan(plan: Mapping[str, Sequence[int]], backbone: MoEViT) -> None:
+    layers = mlp_layers(backbone)
+    if sorted(plan) != sorted(layers):
+        raise ValueError(
+            f"the plan names layers {sorted(plan)}, the model's MoE MLP layers are {sorted(layers)}"
+        )
+    for name, ids in plan.items():
+        experts = layers[name].num_experts
+        if not ids or list(ids) != sorted(set(ids)) or not all(0 <= i < experts for i in ids):
+            raise ValueError(
+                f"plan for {name}: {list(ids)} is not a non-empty sorted subset of 0..{experts - 1}"
+            )
+
+
+def make_manifest(
+    cfg: Config, backbone: MoEViT, tasks: Sequence[str], plan: Mapping[str, Sequence[int]], **extra
+) -> Manifest:
+    """The manifest of `backbone` (built from `cfg`) pruned to `tasks` and `plan`."""
+    args = {k: v for k, v in cfg.model.variant_overrides().items() if k != "num_experts"}
+    args["moe_layers"] = list(backbone.moe_layer_indices)  # explicit: the keys of the per-block counts
+    heads = {
+        task: {
+            "type": cfg.tasks[task].type,
+            "num_classes": cfg.tasks[task].num_classes,
+            "image_size": cfg.tasks[task].data.image_size if cfg.tasks[task].data else 224,
+            "head_options": dict(cfg.tasks[task].head_options),
+        }
+        for task in tasks
+    }
+    kept = {name: [int(i) for i in ids] for name, ids in plan.items()}
+    return Manifest(list(tasks), cfg.model.name, args, kept, heads, dict(extra))
+
+
+def prune_state_dict(
+    source: Mapping[str, torch.Tensor], target: MultiTaskModel, plan: Mapping[str, Sequence[int]]
+) -> dict[str, torch.Tensor]:
+    """The weights of `target` (the pruned architecture) taken from the source model's `source`."""
+    out = {}
+    for key, like in target.state_dict().items():
+        value = _source_value(source, key, plan)
+        if value.shape != like.shape:
+            raise ValueError(
+                f"{key}: the source gives shape {tuple(value.shape)}, the pruned model has {tuple(like.shape)}"
+            )
+        out[key] = value.clone()
+    return out
+
+
+def _kept(plan: Mapping[str, Sequence[int]], prefix: str) -> list[int]:
+    return list(plan[prefix.removeprefix("backbone.")])
+
+
+def _source_value(
+    source: Mapping[str, torch.Tensor], key: str, plan: Mapping[str, Sequence[int]]
+) -> torch.Tensor:
+    match = _EXPERT_KEY.match(key) or _GATE_KEY.match(key)
+    if match and key in source:
+        return source[key][_kept(plan, match[1])]
+    match = _DENSE_KEY.match(key)
+    if match and key not in source:  # a single kept expert became a plain MLP
+        prefix, fc, part = match.groups()
+        (expert,) = _kept(plan, prefix)
+        return source[f"{prefix}.experts.{fc}_{part}"][expert]
+    if key not in source:
+        raise KeyError(f"the source checkpoint has no {key!r}")
+    return source[key]
+
+
+def extract(
+    source_state: Mapping[str, torch.Tensor],
+    cfg: Config,
+    source_backbone: MoEViT,
+    tasks: Sequence[str],
+    plan: Mapping[str, Sequence[int]],
+    **extra: Any,
+) -> tuple[MultiTaskModel, Manifest]:
+    """The standalone pruned model (eval mode) and its manifest."""
+    tasks = check_tasks(tasks, source_backbone.tasks)
+    check_plan(plan, source_backbone)
+    manifest = make_manifest(cfg, source_backbone, tasks, plan, **extra)
+    model = build_from_manifest(manifest)
+    model.load_state_dict(prune_state_dict(source_state, model, plan))
+    return model.eval(), manifest
+
+
+def restrict_config(cfg: Config, tasks: Sequence[str]) -> Config:
+    """`cfg` with only `tasks` (their data for eval/calibration) and no expert parallelism."""
+    ratios = cfg.train.sampling.ratios
+    sampling = dataclasses.replace(
+        cfg.train.sampling, ratios=None if ratios is None else {t: ratios[t] for t in tasks}
+    )
+    return dataclasses.replace(
+        cfg,
+        tasks={t: cfg.tasks[t] for t in tasks},
+        train=dataclasses.replace(cfg.train, sampling=sampling),
+        parallel=dataclasses.replace(cfg.parallel, ep_size=1),
+    )
+
+
+def write_pruned(
+    out_dir: str | Path, model: MultiTaskModel, manifest: Manifest, cfg: Config, report: dict
+) -> Path:
+    """Writes manifest.json, model.pt, config.yaml (cfg restricted to the tasks) and report.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / WEIGHTS_FILE)
+    save_config(restrict_config(cfg, manifest.tasks), out / "config.yaml")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_manifest(out, manifest)  # last: a directory with a manifest is complete
+    return out

@@ -1,0 +1,200 @@
+"""The pruned-model manifest: what a standalone pruned checkpoint is, and how to build and load it.
+
+A pruned directory (written by `moevit prune`, see extract.py) holds
+
+    manifest.json   {"format", "version", "tasks", "model": {"name", "args"}, "kept_experts":
+                     {"blocks.<i>.mlp": [expert ids of the source model]}, "heads": {task: {"type",
+                     "num_classes", "image_size", "head_options"}}, "source": {...}, "criterion": ...}
+    model.pt        the pruned MultiTaskModel's state_dict (tensors only: `weights_only=True`)
+    config.yaml     the source run's config restricted to the kept tasks (data, eval settings)
+    report.json     parameters / GFLOPs (and metrics, with --eval) before and after
+
+The manifest alone rebuilds the architecture: MoEViT gets `num_experts={block: len(kept)}` (a block
+keeping one expert becomes a plain MLP, top_k is clamped to the kept count), and the heads are built
+from their recorded arguments. Loading needs neither the source checkpoint nor DeepSpeed: this file
+imports only the model code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moevit.config.errors import ConfigError
+from moevit.heads import build_head
+from moevit.models.multitask import MultiTaskModel
+from moevit.models.registry import create_model
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.pt"
+FORMAT = "moevit-pruned"
+VERSION = 1
+_LAYER = re.compile(r"^blocks\.(\d+)\.mlp$")
+
+
+class ManifestError(ConfigError):
+    """A manifest that cannot describe a model; the message names the file and the field."""
+
+    def __init__(self, source: str | Path, message: str):
+        super().__init__(str(source), message)
+
+
+@dataclass
+class Manifest:
+    """Args:
+    tasks: the tasks the pruned model serves (their routers and heads are kept).
+    model_name: registered variant (moevit.models.variants).
+    model_args: its constructor overrides, without `tasks` and `num_experts`; `moe_layers` as indices.
+    kept_experts: "blocks.<i>.mlp" -> sorted ids (in the source model) of the experts kept.
+    heads: task -> {"type", "num_classes", "image_size", "head_options"}.
+    extra: provenance (source checkpoint, criterion, usage source), written as is.
+    """
+
+    tasks: list[str]
+    model_name: str
+    model_args: dict[str, Any]
+    kept_experts: dict[str, list[int]]
+    heads: dict[str, dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def experts_per_block(self) -> dict[int, int]:
+        return {int(_LAYER.match(layer)[1]): len(ids) for layer, ids in self.kept_experts.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "tasks": self.tasks,
+            "model": {"name": self.model_name, "args": self.model_args},
+            "kept_experts": self.kept_experts,
+            "heads": self.heads,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path = "<manifest>") -> Manifest:
+        """Checks every field a model build relies on; errors name the file and the field."""
+        if not isinstance(data, Mapping):
+            raise ManifestError(source, "not a JSON object")
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ManifestError(
+                source,
+                f"'format'/'version' are {data.get('format')!r}/{data.get('version')!r}, "
+                f"expected {FORMAT!r}/{VERSION} (a manifest written by `moevit prune`)",
+            )
+        for key in ("tasks", "model", "kept_experts", "heads"):
+            if key not in data:
+                raise ManifestError(source, f"missing field {key!r}")
+        tasks = data["tasks"]
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise ManifestError(source, f"'tasks' must be a non-empty list of names, got {tasks!r}")
+        model = data["model"]
+        if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
+            raise ManifestError(source, '\'model\' must be {"name": str, "args": {...}}')
+        args = dict(model.get("args") or {})
+        for reserved in ("tasks", "num_experts"):
+            if reserved in args:
+                raise ManifestError(
+                    source, f"'model.args' must not set {reserved!r} (the manifest decides it)"
+                )
+        kept = data["kept_experts"]
+        if not isinstance(kept, Mapping):
+            raise ManifestError(source, "'kept_experts' must map layer names to expert id lists")
+        for layer, ids in kept.items():
+            if not _LAYER.match(str(layer)):
+                raise ManifestError(source, f"'kept_experts': layer name {layer!r} is not 'blocks.<i>.mlp'")
+            if (
+                not isinstance(ids, list)
+                or not ids
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+                or ids != sorted(set(ids))
+            ):
+                raise ManifestError(
+                    source,
+                    f"'kept_experts.{layer}' must be a non-empty, sorted list of distinct expert ids, got {ids!r}",
+                )
+        heads = data["heads"]
+        if not isinstance(heads, Mapping) or sorted(heads) != sorted(tasks):
+            raise ManifestError(
+                source, f"'heads' must describe exactly the tasks {tasks}, got {sorted(heads or {})}"
+            )
+        for task, head in heads.items():
+            missing = [k for k in ("type", "num_classes", "image_size") if k not in head]
+            if missing:
+                raise ManifestError(source, f"'heads.{task}' lacks {missing}")
+        extra = {
+            k: v
+            for k, v in data.items()
+            if k not in ("format", "version", "tasks", "model", "kept_experts", "heads")
+        }
+        return cls(
+            list(tasks), model["name"], args, {k: list(v) for k, v in kept.items()}, dict(heads), extra
+        )
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(directory, f"no {MANIFEST_FILE}: not a pruned model directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(path, f"not valid JSON ({err})") from None
+    return Manifest.from_dict(data, path)
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def is_pruned_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def build_from_manifest(manifest: Manifest, source: str | Path = "<manifest>") -> MultiTaskModel:
+    """The pruned architecture, freshly initialised (load weights into it with `load_pruned`)."""
+    try:
+        backbone = create_model(
+            manifest.model_name,
+            tasks=manifest.tasks,
+            num_experts=manifest.experts_per_block(),
+            **manifest.model_args,
+        )
+        heads = {
+            task: build_head(
+                spec["type"],
+                spec["num_classes"],
+                backbone,
+                spec["image_size"],
+                **dict(spec.get("head_options") or {}),
+            )
+            for task, spec in manifest.heads.items()
+        }
+    except (ValueError, TypeError) as err:
+        raise ManifestError(source, f"the model it describes cannot be built: {err}") from None
+    return MultiTaskModel(backbone, heads)
+
+
+def load_pruned(directory: str | Path) -> tuple[MultiTaskModel, Manifest]:
+    """The standalone pruned model of a directory written by `moevit prune`, in eval mode, on CPU."""
+    manifest = read_manifest(directory)
+    model = build_from_manifest(manifest, Path(directory) / MANIFEST_FILE)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ManifestError(directory, f"no {WEIGHTS_FILE} next to the manifest")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ManifestError(
+            weights,
+            f"weights do not match the manifest's model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+        )
+    return model.eval(), manifest

@@ -1,0 +1,179 @@
+"""`moevit prune`, `moevit eval` on a pruned directory, `moevit prune --sweep` and `moevit finetune`, end to
+end through the CLI on a 2-step training run on tiny synthetic data (issue 6)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from moevit.data.synth import write_synthetic_datasets
+from moevit.data.synth.downstream import write_downstream
+from moevit.prune.manifest import load_pruned
+
+pytestmark = [pytest.mark.slow]
+TIMEOUT_S = 300
+
+
+def moevit(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "moevit.cli", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if ok:
+        assert done.returncode == 0, (
+            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        )
+    return done
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    write_synthetic_datasets(root / "synth", size="tiny")
+    write_downstream(root / "synth", size="tiny")
+
+    def data(fmt, batch_size):
+        return {"format": fmt, "root": str(root / "synth" / fmt), "image_size": 32, "batch_size": batch_size}
+
+    config = {
+        "model": {"name": "moevit_debug"},
+        "tasks": {
+            "imagenet": {"type": "classification", "num_classes": 10, "data": data("imagenet", 8)},
+            "ade20k": {
+                "type": "segmentation",
+                "num_classes": 5,
+                "data": data("ade20k", 4),
+                "head_options": {"channels": 16},
+            },
+        },
+        "train": {"steps": 2, "log_every": 1, "num_workers": 0, "eval_batches": 2},
+        "output_dir": str(root / "run"),
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config))
+    moevit("train", str(root / "train.yaml"))
+    return root
+
+
+def test_prune_eval_and_errors(run_dir):
+    out = run_dir / "pruned"
+    done = moevit(
+        "prune",
+        "--checkpoint",
+        str(run_dir / "run"),
+        "--task",
+        "imagenet",
+        "--out",
+        str(out),
+        "--top",
+        "2",
+        "--usage",
+        "calib",
+        "--calib-batches",
+        "2",
+        "--eval",
+    )
+    assert "usage: calibration" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["experts_per_layer"] == {"blocks.1.mlp": 2, "blocks.3.mlp": 2}
+    assert report["after"]["params_for_tasks"] < report["before"]["params_for_tasks"]
+    model, manifest = load_pruned(out)
+    assert (
+        manifest.tasks == ["imagenet"]
+        and sum(p.numel() for p in model.parameters()) == report["after"]["params_model"]
+    )
+    # moevit eval on the pruned dir reproduces the metrics prune measured
+    moevit("eval", str(out / "config.yaml"), "--checkpoint", str(out), "--json", str(run_dir / "m.json"))
+    assert json.loads((run_dir / "m.json").read_text()) == report["metrics"]["after"]
+    # an unknown task and a bad manifest are clear errors, not tracebacks
+    bad = moevit(
+        "prune", "--checkpoint", str(run_dir / "run"), "--task", "coco", "--out", str(run_dir / "x"), ok=False
+    )
+    assert bad.returncode == 2 and "unknown task(s) ['coco']" in bad.stderr and "Traceback" not in bad.stderr
+    manifest_file = out / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    data["kept_experts"]["blocks.1.mlp"] = [0, 0]
+    manifest_file.write_text(json.dumps(data))
+    bad = moevit("eval", str(out / "config.yaml"), "--checkpoint", str(out), ok=False)
+    assert bad.returncode == 2 and "manifest.json" in bad.stderr and "sorted list of distinct" in bad.stderr
+
+
+def test_sweep_writes_csv_and_plot(run_dir):
+    out = run_dir / "sweep"
+    moevit(
+        "prune",
+        "--checkpoint",
+        str(run_dir / "run"),
+        "--task",
+        "ade20k",
+        "--out",
+        str(out),
+        "--sweep",
+        "--usage",
+        "calib",
+        "--calib-batches",
+        "1",
+    )
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert {"criterion", "kept_experts", "params", "ade20k_gflops", "ade20k_mIoU"} <= set(rows[0])
+    assert [int(r["params"]) for r in rows] == sorted(int(r["params"]) for r in rows)
+    assert int(rows[-1]["kept_experts"]) == 8 and int(rows[0]["kept_experts"]) < 8
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetune_head_mode_freezes_the_backbone(run_dir):
+    pruned = run_dir / "pruned_ft"
+    moevit(
+        "prune",
+        "--checkpoint",
+        str(run_dir / "run"),
+        "--task",
+        "imagenet",
+        "--out",
+        str(pruned),
+        "--top",
+        "3",
+        "--usage",
+        "calib",
+        "--calib-batches",
+        "1",
+    )
+    config = {
+        "tasks": {
+            "downstream": {
+                "type": "classification",
+                "num_classes": 10,
+                "data": {
+                    "format": "imagenet",
+                    "root": str(run_dir / "synth" / "downstream"),
+                    "image_size": 32,
+                    "batch_size": 8,
+                },
+            }
+        },
+        "train": {"steps": 2, "log_every": 1, "num_workers": 0, "optim": {"warmup_steps": 1}},
+        "aux_loss": {"mutual_information": 0.0},
+    }
+    (run_dir / "ft.yaml").write_text(yaml.safe_dump(config))
+    results = {}
+    for mode in ("head", "full"):
+        out = run_dir / f"ft_{mode}"
+        done = moevit(
+            "finetune", str(run_dir / "ft.yaml"), "--init", str(pruned), "--mode", mode, f"output_dir={out}"
+        )
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert results[mode] == json.loads((out / "finetune.json").read_text())
+    before, _ = load_pruned(pruned)
+    after, manifest = load_pruned(run_dir / "ft_head" / "model")
+    assert manifest.tasks == ["downstream"]
+    renamed = {k.replace(".imagenet", ".downstream"): v for k, v in before.backbone.state_dict().items()}
+    for key, value in after.backbone.state_dict().items():
+        if not key.endswith(".usage"):  # usage counters count training tokens, they are not weights
+            assert torch.equal(value, renamed[key]), key
+    head, full = results["head"], results["full"]
+    assert head["params_trainable"] == sum(p.numel() for p in after.heads.parameters())
+    assert full["params_trainable"] == full["params_total"] == head["params_total"]
+    assert set(head["metrics"]) == {"top1", "top5"}
