@@ -156,12 +156,17 @@ class ExpertParallelExperts(MoE):
             {"experts": Experts(template, self.num_local_experts, self.expert_group_name)}
         )
         first = ep_rank * self.num_local_experts
+        frozen = getattr(experts, "frozen_experts", frozenset())
         with torch.no_grad():
             for i, expert in enumerate(self.local_experts):
                 for name in EXPERT_PARAMS:
                     source = getattr(experts, name)
                     if source is not None:
-                        getattr(expert, name).copy_(source[first + i])
+                        param = getattr(expert, name)
+                        param.copy_(source[first + i])
+                        # The new Parameters would come back trainable: keep a frozen tensor frozen, and
+                        # freeze the experts the stacked module records as frozen (moevit.continual).
+                        param.requires_grad_(source.requires_grad and first + i not in frozen)
 
     @property
     def local_experts(self) -> nn.ModuleList:

@@ -1,0 +1,92 @@
+"""How `moevit train` runs a continual config (one with a `continual:` section, written by `moevit expand`).
+
+- `check_continual`: the section fits the config (its tasks exist, the init dir holds the expanded
+  weights and agrees with the section), before the process group starts (preflight checks the task
+  names only: evaluating or pruning a finished run needs no init dir);
+- `start_continual`: the config's model takes the expanded weights (a strict, key-by-key load) and is
+  frozen (freeze.py) before the engine shards its experts and builds the optimizer;
+- `training_tasks_config`: the config the loader, loss balancer and step see: only the tasks that
+  train. Evaluation keeps the whole config, so the old tasks are still measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moevit.config.errors import ConfigError
+from moevit.config.schema import Config
+from moevit.continual.freeze import freeze_for_continual
+from moevit.continual.manifest import WEIGHTS_FILE, read_expand_manifest
+
+
+def train_tasks_of(cfg: Config) -> list[str]:
+    """The tasks that train, in config order."""
+    if cfg.continual is None or cfg.continual.train_tasks is None:
+        return list(cfg.tasks)
+    return [task for task in cfg.tasks if task in cfg.continual.train_tasks]
+
+
+def check_continual_tasks(cfg: Config, source: str = "config") -> None:
+    """Raises ConfigError unless the `continual` section names only tasks of the config."""
+    spec = cfg.continual
+    if spec is None:
+        return
+    for key, names in (("train_tasks", spec.train_tasks or []), ("task_experts", list(spec.task_experts))):
+        unknown = sorted(set(names) - set(cfg.tasks))
+        if unknown:
+            raise ConfigError(source, f"'continual.{key}' names {unknown}; the tasks are {list(cfg.tasks)}")
+
+
+def check_continual(cfg: Config, source: str = "config") -> None:
+    """Raises ConfigError unless the `continual` section can start a training run (reads the manifest only)."""
+    spec = cfg.continual
+    if spec is None:
+        return
+    check_continual_tasks(cfg, source)
+    if spec.init is None:
+        raise ConfigError(source, "'continual.init': name the `moevit expand --out` directory to start from")
+    init = Path(spec.init)
+    if not (init / WEIGHTS_FILE).is_file():
+        raise ConfigError(
+            source, f"'continual.init': {init} holds no {WEIGHTS_FILE} (a `moevit expand` output)"
+        )
+    manifest = read_expand_manifest(init)
+    expected = {"frozen_experts": manifest["frozen_experts"], "task_experts": manifest["task_experts"]}
+    found = {"frozen_experts": spec.frozen_experts, "task_experts": dict(spec.task_experts)}
+    if expected != found:
+        raise ConfigError(
+            source, f"'continual' says {found}, but {init} was expanded with {expected}; use its config.yaml"
+        )
+
+
+def start_continual(model: nn.Module, cfg: Config, source: str = "config") -> dict[str, int]:
+    """Loads the expanded weights into `model` (built from `cfg`) and freezes it; returns the counts."""
+    check_continual(cfg, source)
+    spec = cfg.continual
+    weights = Path(spec.init) / WEIGHTS_FILE
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(str(weights), f"the weights do not fit the config's model: {err}") from None
+    return freeze_for_continual(model, train_tasks_of(cfg), spec.frozen_experts, spec.train_shared)
+
+
+def training_tasks_config(cfg: Config) -> Config:
+    """`cfg` with only the tasks that train (what the loader, balancer and step use)."""
+    tasks = train_tasks_of(cfg)
+    if tasks == list(cfg.tasks):
+        return cfg
+    ratios = cfg.train.sampling.ratios
+    sampling = dataclasses.replace(
+        cfg.train.sampling, ratios=None if ratios is None else {t: ratios[t] for t in tasks}
+    )
+    return dataclasses.replace(
+        cfg,
+        tasks={t: cfg.tasks[t] for t in tasks},
+        train=dataclasses.replace(cfg.train, sampling=sampling),
+    )

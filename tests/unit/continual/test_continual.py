@@ -1,0 +1,214 @@
+"""Continual learning (issue 7), single process: restricted routers are bit-exact, expansion keeps the old
+tasks' outputs bit-identical, and freezing really freezes (no gradient, outside the optimizer, unchanged
+by AdamW's weight decay) while the new task's parameters train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moevit.config import build_config
+from moevit.config.errors import ConfigError
+from moevit.config.schema import Config
+from moevit.continual.expand import (
+    build_expanded,
+    check_old_tasks_unchanged,
+    expanded_config,
+    experts_per_layer,
+    gate_usage,
+    new_task_config,
+    rank_experts,
+)
+from moevit.continual.freeze import freeze_for_continual, task_of_parameter
+from moevit.continual.start import training_tasks_config
+from moevit.layers.aux_losses import load_balance_loss
+from moevit.layers.router import TaskRouter
+from moevit.models.factory import build_model
+from moevit.parallel.engine import optimizer_param_groups
+from moevit.parallel.expert_parallel import apply_expert_parallel
+
+SIZE = 32
+
+
+def make_cfg(ep_size: int = 1) -> Config:
+    def data(fmt):
+        return {"format": fmt, "root": "unused", "image_size": SIZE, "batch_size": 4}
+
+    return build_config(
+        Config,
+        {
+            "model": {"name": "moevit_debug", "moe": {"task_embedding": True}},
+            "tasks": {
+                "cls": {"type": "classification", "num_classes": 3, "data": data("imagenet")},
+                "seg": {
+                    "type": "segmentation",
+                    "num_classes": 4,
+                    "data": data("ade20k"),
+                    "head_options": {"channels": 16},
+                },
+            },
+            "parallel": {"ep_size": ep_size},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def source():
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # trained-looking gates and embeddings: routing that depends on the weights
+        for name, param in model.named_parameters():
+            if ".gates." in name or "task_embed" in name:
+                param.normal_()
+    return cfg, model.eval(), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def expand(source, new_experts: int = 2, init: str = "copy"):
+    cfg, model, state = source
+    old = experts_per_layer(model)
+    new_cfg = expanded_config(
+        cfg, old, "new", new_task_config("classification", 5, "unused", SIZE, 4), new_experts, "x"
+    )
+    usage = gate_usage(state) if init == "copy" else None
+    expanded, copied_from = build_expanded(new_cfg, model, state, "new", new_experts, init, usage)
+    return new_cfg, expanded, copied_from
+
+
+def test_restricted_router_is_bit_identical_and_never_reaches_new_experts():
+    torch.manual_seed(1)
+    x = torch.randn(50, 16)
+    small = TaskRouter(16, 4, 2, ["a"])
+    large = TaskRouter(16, 7, 2, ["a", "b"], task_experts={"a": 4})
+    with torch.no_grad():
+        small.gates["a"].weight.normal_()
+        large.gates["a"].weight.copy_(small.gates["a"].weight)
+        large.gates["b"].weight.normal_()
+    before, after = small(x, "a"), large(x, "a")
+    assert torch.equal(before.expert_idx_TK, after.expert_idx_TK)
+    assert torch.equal(before.weights_TK, after.weights_TK)
+    assert torch.equal(before.z_loss, after.z_loss)
+    assert torch.equal(after.probs_sum_E[:4], before.probs_sum_E) and not after.probs_sum_E[4:].any()
+    assert after.counts_E.shape == (7,) and not after.counts_E[4:].any()
+    assert torch.equal(load_balance_loss([before]), load_balance_loss([after]))
+    large.force_balanced = True
+    assert int(large(x, "a").expert_idx_TK.max()) == 3
+    assert int(large(x, "b").expert_idx_TK.max()) == 6
+    with pytest.raises(ValueError, match="task_experts"):
+        TaskRouter(16, 4, 2, ["a"], task_experts={"a": 1})
+    with pytest.raises(ValueError, match="not tasks"):
+        TaskRouter(16, 4, 2, ["a"], task_experts={"z": 2})
+
+
+def test_expansion_keeps_old_tasks_bit_identical(source):
+    cfg, model, state = source
+    new_cfg, expanded, copied_from = expand(source)
+    assert new_cfg.model.moe.num_experts == 6 and new_cfg.continual.frozen_experts == 4
+    assert new_cfg.continual.task_experts == {"cls": 4, "seg": 4} and new_cfg.continual.train_tasks == ["new"]
+    check_old_tasks_unchanged(model, expanded, {"cls": SIZE, "seg": SIZE})  # raises when not bit-identical
+    for layer, ids in copied_from.items():
+        key = f"backbone.{layer}.experts.fc1_weight"
+        weights = expanded.state_dict()[key]
+        assert torch.equal(weights[:4], state[key]) and torch.equal(weights[4:], state[key][ids])
+        assert expanded.state_dict()[f"backbone.{layer}.router.gates.new.weight"].shape[0] == 6
+        assert expanded.state_dict()[f"backbone.{layer}.router.gates.cls.weight"].shape[0] == 4
+    _, fresh, _ = expand(source, init="fresh")
+    key = "backbone.blocks.1.mlp.experts.fc1_weight"
+    assert not any(
+        torch.equal(fresh.state_dict()[key][4 + j], state[key][e]) for j in range(2) for e in range(4)
+    )
+
+
+def test_expansion_refuses_bad_requests(source):
+    cfg, model, _ = source
+    task = new_task_config("classification", 5, None, SIZE, 4)
+    with pytest.raises(ConfigError, match="not divisible by parallel.ep_size=2"):
+        expanded_config(make_cfg(ep_size=2), 4, "new", task, 1, "x")
+    with pytest.raises(ValueError, match="already has that task"):
+        expanded_config(cfg, 4, "cls", task, 2, "x")
+    with pytest.raises(ValueError, match="must not change"):
+        expanded_config(cfg, 4, "new", task, 2, "x", ["model.moe.num_experts=8"])
+    assert rank_experts({"a": [1, 5, 0, 5], "b": [0, 0, 0, 0]}, 4) == [1, 3, 0, 2]
+
+
+def test_freezing_really_freezes_under_adamw_weight_decay(source):
+    new_cfg, model, _ = expand(source)
+    freeze_for_continual(model, ["new"], new_cfg.continual.frozen_experts)
+    apply_expert_parallel(model, 1)  # as the engine does: every expert its own parameters
+    model.train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        task_of_parameter(name) == "new" or ".deepspeed_experts.4." in name or ".deepspeed_experts.5." in name
+        for name in trainable
+    )
+    assert "backbone.task_embed.new" in trainable
+    groups = optimizer_param_groups(model, weight_decay=0.5)
+    in_optimizer = {id(p) for group in groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    assert in_optimizer == {id(params[name]) for name in trainable}
+    frozen = {name: p.detach().clone() for name, p in params.items() if name not in trainable}
+    before_new = {name: params[name].detach().clone() for name in trainable}
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.eval()
+        old_out = {task: model.predict(task, {"images": images}) for task in ("cls",)}
+        model.train()
+
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    batch = {"images": images, "labels": torch.tensor([0, 1, 2, 4])}
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        out = model("new", batch)
+        loss = out.losses["loss"] + load_balance_loss(list(out.routing.values()))
+        loss.backward()
+        assert all(params[name].grad is None for name in frozen)
+        optimizer.step()
+
+    assert all(torch.equal(params[name], value) for name, value in frozen.items())
+    changed = {name for name in trainable if not torch.equal(params[name], before_new[name])}
+    assert any(".deepspeed_experts.4." in n for n in changed) and "heads.new.fc.weight" in changed
+    assert any(".gates.new." in n for n in changed)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.predict("cls", {"images": images}), old_out["cls"])
+
+
+def test_freezing_survives_expert_parallel_wrapping_and_refuses_sharded_models(source):
+    _, model, _ = expand(source)
+    for param in model.backbone.blocks[1].mlp.experts.parameters():  # a plainly frozen stacked tensor
+        param.requires_grad_(False)
+    apply_expert_parallel(model, 1)
+    assert not any(p.requires_grad for p in model.backbone.blocks[1].mlp.experts.parameters())
+    with pytest.raises(ValueError, match="freeze the single-device model"):
+        freeze_for_continual(model, ["new"], 4)
+
+
+def test_training_view_keeps_only_the_tasks_that_train(source):
+    new_cfg, _, _ = expand(source)
+    view = training_tasks_config(new_cfg)
+    assert list(view.tasks) == ["new"] and list(new_cfg.tasks) == ["cls", "seg", "new"]
+    assert training_tasks_config(make_cfg()) is not None
+
+
+def test_start_continual_loads_the_expansion_and_refuses_a_mismatched_one(source, tmp_path):
+    import dataclasses
+
+    from moevit.continual.manifest import WEIGHTS_FILE, write_expand_manifest
+    from moevit.continual.start import start_continual
+
+    new_cfg, expanded, _ = expand(source)
+    torch.save(expanded.state_dict(), tmp_path / WEIGHTS_FILE)
+    spec = dataclasses.replace(new_cfg.continual, init=str(tmp_path))
+    cfg = dataclasses.replace(new_cfg, continual=spec)
+    write_expand_manifest(tmp_path, {"frozen_experts": 4, "task_experts": {"cls": 4, "seg": 4}})
+    torch.manual_seed(5)
+    model = build_model(cfg)
+    counts = start_continual(model, cfg)
+    assert 0 < counts["trainable"] < counts["total"]
+    assert all(torch.equal(v, expanded.state_dict()[k]) for k, v in model.state_dict().items())
+    write_expand_manifest(tmp_path, {"frozen_experts": 2, "task_experts": {"cls": 4, "seg": 4}})
+    with pytest.raises(ConfigError, match="was expanded with"):
+        start_continual(build_model(cfg), cfg)
+    missing = dataclasses.replace(cfg, continual=dataclasses.replace(spec, init=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="holds no model.pt"):
+        start_continual(build_model(missing), missing)
