@@ -30,7 +30,8 @@ def load_balance_loss(routings: Sequence[Routing]) -> torch.Tensor:
     for r in routings:
         rows_fraction_E = r.counts_E.float() / r.counts_E.sum().clamp(min=1)
         mean_prob_E = r.probs_sum_E / max(r.num_tokens, 1)
-        losses.append(r.num_experts * (rows_fraction_E * mean_prob_E).sum())
+        # Balanced means over the experts the task can reach (all E unless it is restricted).
+        losses.append(r.num_routable * (rows_fraction_E * mean_prob_E).sum())
     return torch.stack(losses).mean()
 
 

@@ -25,6 +25,17 @@ class DispatchPlan:
     counts_E: torch.Tensor  # rows per expert, in expert order (int64)
     num_tokens: int
     top_k: int
+    unsort_order_S: torch.Tensor | None = None  # flat slot s sits in sorted row unsort_order_S[s]
+
+    def __post_init__(self) -> None:
+        if self.unsort_order_S is None:
+            self.unsort_order_S = inverse_permutation(self.sort_order_S)
+
+
+def inverse_permutation(order_S: torch.Tensor) -> torch.Tensor:
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return inverse_S
 
 
 def plan_dispatch(expert_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -41,13 +52,44 @@ def plan_dispatch(expert_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan
     )
 
 
+class _GatherRows(torch.autograd.Function):
+    """`x.index_select(0, index)` where input row i is read by exactly the K output rows
+    `inverse[i*K : (i+1)*K]` (K = 1: a permutation). The backward is then a gather as well,
+    grad_x[i] = sum_j grad_out[inverse[i*K + j]], instead of `index_select`'s own backward, an
+    `index_add` whose scattered writes cost more."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, top_k: int):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inverse,) = ctx.saved_tensors
+        grad_slots = grad_out.index_select(0, inverse)
+        if ctx.top_k == 1:
+            return grad_slots, None, None, None
+        return grad_slots.view(-1, ctx.top_k, *grad_out.shape[1:]).sum(1), None, None, None
+
+
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Gather token rows into expert-sorted order: (T, D) -> (S, D)."""
-    return x_TD.index_select(0, plan.token_of_row_S)
+    return _GatherRows.apply(x_TD, plan.token_of_row_S, plan.unsort_order_S, plan.top_k)
+
+
+def unsort(y_SD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Expert-sorted rows back to flat (token, slot) order: (S, D) -> (S, D), both ways a gather."""
+    return _GatherRows.apply(y_SD, plan.unsort_order_S, plan.sort_order_S, 1)
 
 
 def combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Un-sort expert outputs and sum each token's K slots with its gate weights: (S, D) -> (T, D)."""
-    y_slots_SD = torch.empty_like(y_SD).index_copy(0, plan.sort_order_S, y_SD)
+    y_slots_SD = unsort(y_SD, plan)
+    weights_TK = weights_TK.to(y_SD.dtype)
+    if torch.jit.is_tracing():  # an einsum, which flop counters (fvcore) count as the contraction it is
+        return torch.einsum("tkd,tk->td", y_slots_SD.view(plan.num_tokens, plan.top_k, -1), weights_TK)
+    if plan.top_k == 1:  # the weight is 1, but multiplying keeps the gate in the graph
+        return y_slots_SD * weights_TK
     y_TKD = y_slots_SD.view(plan.num_tokens, plan.top_k, -1)
-    return torch.einsum("tkd,tk->td", y_TKD, weights_TK.to(y_TKD.dtype))
+    return (y_TKD * weights_TK.unsqueeze(-1)).sum(1)

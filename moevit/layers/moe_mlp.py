@@ -7,7 +7,7 @@ that exchanges the sorted rows between ranks, so nothing here knows about proces
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ class MoEMlp(nn.Module):
         tasks: task names; each gets a router.
         act_layer: expert activation.
         bias: expert linear biases.
+        task_experts: task -> n: that task routes among experts 0..n-1 only (continual learning; see
+            moevit.layers.router); other tasks route among all E.
     """
 
     routes_tasks = True  # forward takes (x, task) and returns (y, Routing)
@@ -41,9 +43,10 @@ class MoEMlp(nn.Module):
         tasks: Sequence[str],
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
+        task_experts: Mapping[str, int] | None = None,
     ):
         super().__init__()
-        self.router = TaskRouter(dim, num_experts, top_k, tasks)
+        self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts)
         self.experts = GroupedExperts(num_experts, dim, expert_hidden, act_layer, bias)
 
     @property

@@ -1,0 +1,220 @@
+"""Forward+backward time of moevit's MoE MLP against a dense MLP and DeepSpeed's stock MoE layer.
+
+For each configuration (E experts, top-k) three contenders run alternately in one process, so
+machine noise hits them alike:
+
+- (a) moevit's `MoEMlp`: dropless, task-routed (one task's gate), sorted grouped matmuls;
+- (b) a dense timm `Mlp` with hidden width k x expert hidden: the same active FLOPs;
+- (c) DeepSpeed's `deepspeed.moe.layer.MoE` with its defaults and capacity factor 1.25 (drops tokens
+  over capacity; its experts compute capacity-padded buffers).
+
+Gates get random weights (a zero-initialised gate sends every token to the same k experts), the
+same ones in (a) and (c), so both route alike. One timed run is forward + backward of the layer on
+a fixed (T, D) input that requires grad, with a fixed output gradient. Prints medians, spread and
+the ratios a/b and a/c, both of medians and as the median of each round's own ratio. Not a test: speed targets are measured, not asserted.
+
+    python benchmarks/moe_layer.py --threads 2 --repeats 9 [--json OUT] [--profile E:K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+# On a shared machine, OpenMP threads that spin while waiting (libgomp's default) burn the time
+# slices their partner thread needs: a 2-thread parallel region then costs milliseconds, which
+# punishes layers made of many mid-sized kernels far more than one big matmul. Passive waiting
+# measures the layers, not the scheduler. Must be set before torch loads libgomp; export
+# OMP_WAIT_POLICY=ACTIVE to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from timm.layers import Mlp  # noqa: E402
+
+from moevit.layers import MoEMlp  # noqa: E402
+
+TASK = "bench"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    dim: int
+    expert_hidden: int
+    num_experts: int
+    top_k: int
+
+
+def parse_shapes(args: argparse.Namespace) -> list[Shape]:
+    shapes = []
+    for spec in args.configs.split(","):
+        experts, top_k = (int(v) for v in spec.split(":"))
+        shapes.append(
+            Shape(f"E{experts}/k{top_k}", args.tokens, args.dim, args.expert_hidden, experts, top_k)
+        )
+    if args.vit_b:
+        # ViT-B/16 widths (D 768, MLP 3072) with moevit_base's routing (E16, top-2)
+        shapes.append(Shape("ViT-B E16/k2", args.tokens, 768, 3072, 16, 2))
+    return shapes
+
+
+def build_contenders(shape: Shape, seed: int) -> dict[str, torch.nn.Module]:
+    from deepspeed.moe.layer import MoE
+
+    torch.manual_seed(seed)
+    moe = MoEMlp(shape.dim, shape.expert_hidden, shape.num_experts, shape.top_k, [TASK])
+    gate_weight = torch.randn(shape.num_experts, shape.dim) * shape.dim**-0.5
+    with torch.no_grad():
+        moe.router.gates[TASK].weight.copy_(gate_weight)
+    dense = Mlp(shape.dim, shape.top_k * shape.expert_hidden)
+    deepspeed_moe = MoE(
+        hidden_size=shape.dim,
+        expert=Mlp(shape.dim, shape.expert_hidden),
+        num_experts=shape.num_experts,
+        k=shape.top_k,
+        capacity_factor=1.25,
+        eval_capacity_factor=1.25,
+    )
+    with torch.no_grad():
+        deepspeed_moe.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
+    return {"a moevit": moe.train(), "b dense": dense.train(), "c deepspeed": deepspeed_moe.train()}
+
+
+def run_once(name: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    started = time.perf_counter()
+    if name.startswith("a"):
+        y = module(x, TASK)[0]
+    elif name.startswith("c"):
+        y = module(x)[0]
+    else:
+        y = module(x)
+    y.backward(grad)
+    elapsed = time.perf_counter() - started
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return elapsed
+
+
+def routing_imbalance(moe: MoEMlp, x: torch.Tensor) -> float:
+    """Rows of the busiest expert over the mean: what a capacity factor has to absorb."""
+    with torch.no_grad():
+        counts = moe.router(x, TASK).counts_E.float()
+    return float(counts.max() / counts.mean())
+
+
+def measure(shape: Shape, args: argparse.Namespace) -> dict:
+    contenders = build_contenders(shape, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(shape.tokens, shape.dim, generator=generator).requires_grad_(True)
+    grad = torch.randn(shape.tokens, shape.dim, generator=generator)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(args.warmup + args.repeats):
+        for name, module in contenders.items():
+            elapsed = run_once(name, module, x, grad)
+            if round_ >= args.warmup:
+                times[name].append(elapsed)
+    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    # Ratios within each round (runs seconds apart) follow the machine's load less than medians do.
+    paired = {
+        other: statistics.median(a / o for a, o in zip(times["a moevit"], times[name]))
+        for other, name in (("b", "b dense"), ("c", "c deepspeed"))
+    }
+    return {
+        "config": shape.name,
+        **{k: v for k, v in vars(shape).items() if k != "name"},
+        "imbalance": routing_imbalance(contenders["a moevit"], x),
+        "times_s": times,
+        "median_s": medians,
+        "a_over_b": medians["a moevit"] / medians["b dense"],
+        "a_over_c": medians["a moevit"] / medians["c deepspeed"],
+        "a_over_b_paired": paired["b"],
+        "a_over_c_paired": paired["c"],
+    }
+
+
+def profile(shape: Shape, args: argparse.Namespace) -> None:
+    """torch.profiler's top operators for moevit's layer alone (after warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    contenders = build_contenders(shape, args.seed)
+    moe = contenders["a moevit"]
+    x = torch.randn(shape.tokens, shape.dim).requires_grad_(True)
+    grad = torch.randn(shape.tokens, shape.dim)
+    for _ in range(2):
+        run_once("a", moe, x, grad)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(args.repeats):
+            run_once("a", moe, x, grad)
+    print(f"profile of moevit {shape.name}, {args.repeats} runs")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=3152, help="T: 16 images x 197 tokens")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--expert-hidden", type=int, default=1536)
+    parser.add_argument("--configs", default="8:1,16:2,32:4", help="E:k,...")
+    parser.add_argument("--vit-b", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default=None, metavar="E:K", help="profile moevit at E:k and exit")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-layer creation banner
+
+    if args.profile:
+        experts, top_k = (int(v) for v in args.profile.split(":"))
+        shape = Shape(f"E{experts}/k{top_k}", args.tokens, args.dim, args.expert_hidden, experts, top_k)
+        profile(shape, args)
+        return {}
+
+    load_before = os.getloadavg()
+    rows = [measure(shape, args) for shape in parse_shapes(args)]
+    load_after = os.getloadavg()
+    print(
+        f"forward+backward, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        f"{args.repeats} alternating runs (after {args.warmup} warm-up); "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(
+        f"{'config':<13} {'T x D':>10} {'H':>5} {'imbal':>5} "
+        f"{'moevit s':>19} {'dense s':>19} {'deepspeed s':>19} {'a/b':>5} {'a/c':>5} "
+        f"{'paired a/b':>10} {'a/c':>5}"
+    )
+    for row in rows:
+        cells = []
+        for name in ("a moevit", "b dense", "c deepspeed"):
+            samples = row["times_s"][name]
+            cells.append(f"{row['median_s'][name]:.3f} ({min(samples):.3f}-{max(samples):.3f})")
+        print(
+            f"{row['config']:<13} {row['tokens']:>5}x{row['dim']:<4} {row['expert_hidden']:>5} "
+            f"{row['imbalance']:5.2f} {cells[0]:>19} {cells[1]:>19} {cells[2]:>19} "
+            f"{row['a_over_b']:5.2f} {row['a_over_c']:5.2f} {row['a_over_b_paired']:10.2f} "
+            f"{row['a_over_c_paired']:5.2f}"
+        )
+    result = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average_before_after": [load_before[0], load_after[0]],
+        "rows": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
