@@ -51,8 +51,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from moevit.data.synth import write_synthetic_datasets
+    from moevit.data.synth.downstream import write_downstream
 
-    summary = write_synthetic_datasets(args.out, seed=args.seed, size=args.size)
+    if args.downstream:  # only the downstream set, next to (and without touching) the other three
+        summary = {"downstream": write_downstream(args.out, seed=args.seed, size=args.size)}
+    else:
+        summary = write_synthetic_datasets(args.out, seed=args.seed, size=args.size)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -65,7 +69,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moevit.continual.cli import add_expand_parser
     from moevit.data.shards.cli import add_shard_parser
+    from moevit.finetune.cli import add_finetune_parser
+    from moevit.parallel.ckpt_cli import add_ckpt_parser
+    from moevit.prune.cli import add_prune_parser
+    from moevit.slurm.cli import add_submit_parser
     from moevit.train.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="moevit", description=__doc__.splitlines()[0])
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_submit_parser(commands)
+    add_prune_parser(commands)
+    add_finetune_parser(commands)
+    add_expand_parser(commands)
 
     flops = commands.add_parser(
         "flops", help="parameters and per-task active GFLOPs, cross-checked with fvcore"
@@ -101,8 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    synth.add_argument(
+        "--downstream",
+        action="store_true",
+        help="write only OUT/downstream: classification of classes the demo never saw (moevit finetune)",
+    )
     synth.set_defaults(func=cmd_data_synth)
     add_shard_parser(data)
+
+    add_ckpt_parser(commands)
 
     models = commands.add_parser("models", help="list registered model variants")
     models.set_defaults(func=cmd_models)
@@ -120,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from moevit.config.errors import ConfigError
     from moevit.data.errors import DatasetLayoutError
+    from moevit.train.errors import NonFiniteLossError
 
     try:
         return args.func(args)
     except (ConfigError, DatasetLayoutError) as err:
         print(f"moevit: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # every rank stops together with this message
+        print(f"moevit: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -79,10 +79,16 @@ class DatasetConfig:
     val_split: str = "val"
     image_size: int = 224
     batch_size: int = 32
+    # Classification training crops: RandomResizedCrop area range. timm/DeiT's (0.08, 1) suits
+    # ImageNet photos; a dataset whose label needs the whole object in view wants a larger minimum.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
 
     def validate(self) -> None:
         if self.image_size < 1 or self.batch_size < 1:
             raise ValueError("image_size and batch_size must be >= 1")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
 
 
 @dataclass
@@ -187,6 +193,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_last: int = 2  # complete checkpoints kept in the run dir
     num_workers: int = 2  # DataLoader workers per task and rank
+    # Consecutive steps with a NaN/inf loss on some rank (each skipped by all ranks together) that stop
+    # training: a few are a bad batch, a run of them a diverged model. 0: never stop.
+    max_bad_steps: int = 5
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
@@ -195,7 +204,7 @@ class TrainConfig:
         for name in ("steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "num_workers"):
+        for name in ("eval_every", "checkpoint_every", "num_workers", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_batches is not None and self.eval_batches < 1:
@@ -217,12 +226,38 @@ class ParallelConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual learning after `moevit expand` (moevit.continual): the new task trains, the old ones
+    keep their outputs bit for bit. `moevit expand` writes this section; a config rarely edits it."""
+
+    init: str | None = None  # the `moevit expand --out` dir: training starts from its model.pt
+    # task -> n: that task routes among experts 0..n-1 of every MoE MLP layer only (architecture:
+    # the tasks trained before the expansion never reach the experts added for later ones).
+    task_experts: dict[str, int] = field(default_factory=dict)
+    frozen_experts: int = 0  # experts 0..n-1 of every MoE MLP layer (the pre-expansion ones) get no update
+    train_tasks: list[str] | None = None  # tasks that train (None: all); the others are only evaluated
+    # Also train the weights every task shares (patch embedding, attention, norms, dense MLPs); off by
+    # default because the old tasks' outputs then change.
+    train_shared: bool = False
+
+    def validate(self) -> None:
+        if self.frozen_experts < 0:
+            raise ValueError(f"frozen_experts must be >= 0, got {self.frozen_experts}")
+        bad = {task: n for task, n in self.task_experts.items() if n < 1}
+        if bad:
+            raise ValueError(f"task_experts must be >= 1, got {bad}")
+        if self.train_tasks is not None and not self.train_tasks:
+            raise ValueError("train_tasks: name at least one task (or leave it out: every task trains)")
+
+
+@dataclass
 class Config:
     tasks: dict[str, TaskConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    continual: ContinualConfig | None = None  # set by `moevit expand` (moevit.continual)
     seed: int = 0
     output_dir: str = "runs/default"
 

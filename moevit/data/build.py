@@ -34,4 +34,8 @@ def build_dataset(task_type: str, data: DatasetConfig, train: bool) -> SkipCorru
     """
     split = data.train_split if train else data.val_split
     reader = READERS[data.format](data.root, split)
-    return SkipCorrupt(TransformedDataset(reader, build_transforms(task_type, train, data.image_size)))
+    return SkipCorrupt(
+        TransformedDataset(
+            reader, build_transforms(task_type, train, data.image_size, crop_scale=data.crop_scale)
+        )
+    )

@@ -7,8 +7,8 @@ float32 image normalized with the ImageNet mean/std, of shape (3, image_size, im
 stack without padding.
 
 Choices:
-- classification, train: ``RandomResizedCrop`` (scale 0.08-1, ratio 3/4-4/3, the Inception/ResNet
-  recipe used by DeiT and timm) and a horizontal flip. Eval: resize the shorter side to
+- classification, train: ``RandomResizedCrop`` (area ``crop_scale``, by default 0.08-1, ratio 3/4-4/3,
+  the Inception/ResNet recipe used by DeiT and timm) and a horizontal flip. Eval: resize the shorter side to
   ``image_size / crop_pct`` and center-crop ``image_size`` (timm's ``crop_pct``; 0.875 is the
   classic ImageNet 224/256 protocol).
 - detection, train: resize to a fixed ``image_size`` square (aspect ratio not kept: a fixed square
@@ -36,20 +36,21 @@ from moevit.data.decode import IGNORE_INDEX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SEGMENTATION_SCALE_RANGE = (0.5, 2.0)
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's (and timm's) area range
 
 
-def _classification(train: bool, image_size: int, crop_pct: float) -> list[Callable]:
+def _classification(train: bool, image_size: int, crop_pct: float, crop_scale) -> list[Callable]:
     if train:
-        return [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        return [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
     return [v2.Resize(round(image_size / crop_pct), antialias=True), v2.CenterCrop(image_size)]
 
 
-def _detection(train: bool, image_size: int, crop_pct: float) -> list[Callable]:
+def _detection(train: bool, image_size: int, crop_pct: float, crop_scale) -> list[Callable]:
     flip = [v2.RandomHorizontalFlip()] if train else []
     return [v2.Resize((image_size, image_size), antialias=True), *flip, v2.SanitizeBoundingBoxes(min_size=1)]
 
 
-def _segmentation(train: bool, image_size: int, crop_pct: float) -> list[Callable]:
+def _segmentation(train: bool, image_size: int, crop_pct: float, crop_scale) -> list[Callable]:
     if not train:
         return [v2.Resize((image_size, image_size), antialias=True)]
     low, high = SEGMENTATION_SCALE_RANGE
@@ -71,6 +72,7 @@ def build_transforms(
     train: bool,
     image_size: int,
     crop_pct: float = 0.875,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
@@ -81,6 +83,7 @@ def build_transforms(
         train: random augmentation (True) or the deterministic evaluation transform (False).
         image_size: side of the square output image.
         crop_pct: classification eval only: fraction of the resized shorter side kept by the center crop.
+        crop_scale: classification train only: range of the crop's share of the image area.
         mean: per-channel mean subtracted from the [0, 1] image.
         std: per-channel standard deviation the image is divided by.
     """
@@ -90,6 +93,6 @@ def build_transforms(
         raise ValueError(f"image_size must be positive, got {image_size}")
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    geometry = _GEOMETRY[task_type](train, image_size, crop_pct)
+    geometry = _GEOMETRY[task_type](train, image_size, crop_pct, tuple(crop_scale))
     # ToDtype with a single dtype converts images only; masks stay uint8 and boxes keep their values.
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])

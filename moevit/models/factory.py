@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 
 
 def build_backbone(cfg: Config) -> MoEViT:
-    """The registered variant `cfg.model.name` with the config's overrides, one router per task."""
-    return create_model(cfg.model.name, tasks=list(cfg.tasks), **cfg.model.variant_overrides())
+    """The registered variant `cfg.model.name` with the config's overrides, one router per task (the
+    tasks of `continual.task_experts` restricted to their first experts, see moevit.continual)."""
+    task_experts = dict(cfg.continual.task_experts) if cfg.continual is not None else {}
+    extra = {"task_experts": task_experts} if task_experts else {}
+    return create_model(cfg.model.name, tasks=list(cfg.tasks), **cfg.model.variant_overrides(), **extra)
 
 
 def build_model(cfg: Config) -> MultiTaskModel:

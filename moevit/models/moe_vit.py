@@ -11,11 +11,11 @@ Single-device code: expert parallelism is applied from outside (moevit.parallel)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from timm.layers import LayerNorm, PatchEmbed, resample_abs_pos_embed
+from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
@@ -33,6 +33,19 @@ class BackboneOutput:
     routing: dict[str, Routing] = field(default_factory=dict)  # "blocks.3.mlp" -> its routing
 
 
+def _experts_per_layer(num_experts: int | Mapping[int, int], moe_layers: list[int]) -> dict[int, int]:
+    """{block index: experts} for every MoE block; a mapping must name exactly the MoE blocks."""
+    if not isinstance(num_experts, Mapping):
+        return {i: num_experts for i in moe_layers}
+    per_layer = {int(i): int(e) for i, e in num_experts.items()}
+    if sorted(per_layer) != moe_layers:
+        raise ValueError(f"num_experts names blocks {sorted(per_layer)}, but the MoE blocks are {moe_layers}")
+    bad = {i: e for i, e in per_layer.items() if e < 1}
+    if bad:
+        raise ValueError(f"num_experts per block must be >= 1, got {bad}")
+    return per_layer
+
+
 class MoEViT(nn.Module):
     """ViT backbone whose MoE layers route tokens with one gate per task.
 
@@ -46,7 +59,10 @@ class MoEViT(nn.Module):
         num_heads: attention heads.
         mlp_ratio: dense MLP hidden width as a multiple of D.
         qkv_bias: bias on the qkv projection (timm's ViT default).
-        num_experts: experts per MoE layer (E), shared by all tasks.
+        num_experts: experts per MoE layer (E), shared by all tasks; or {block index: E} for every
+            MoE block (pruned models, see moevit.prune). In the mapping form a layer's top_k is
+            clamped to its E, and a block with E = 1 gets a plain MLP of width `expert_hidden`
+            (top-1 routing over one expert gives it weight 1: the same function without a router).
         top_k: experts per token (K).
         expert_hidden: hidden width of one expert; None keeps the dense MLP's width, so a dense
             ViT's MLP weights can initialise every expert (upcycling).
@@ -57,6 +73,9 @@ class MoEViT(nn.Module):
         attention_head_dim: width of one head expert.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         class_token: prepend a class token (timm's default ViT).
+        task_experts: task -> n: in every MoE MLP layer that task routes among experts 0..n-1 only
+            (continual learning: tasks trained before an expansion keep their experts, bit for bit;
+            see moevit.continual). Tasks not named route among all experts of the layer.
     """
 
     def __init__(
@@ -70,7 +89,7 @@ class MoEViT(nn.Module):
         num_heads: int = 3,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        num_experts: int = 8,
+        num_experts: int | Mapping[int, int] = 8,
         top_k: int = 2,
         expert_hidden: int | None = None,
         moe_layers: str | Sequence[int] = "every:2",
@@ -80,6 +99,7 @@ class MoEViT(nn.Module):
         attention_head_dim: int = 64,
         drop_path_rate: float = 0.0,
         class_token: bool = True,
+        task_experts: Mapping[str, int] | None = None,
     ):
         super().__init__()
         if not tasks:
@@ -92,6 +112,11 @@ class MoEViT(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
         expert_hidden = expert_hidden or int(embed_dim * mlp_ratio)
+        experts_per_layer = _experts_per_layer(num_experts, self.moe_layer_indices)
+        task_experts = dict(task_experts or {})
+        unknown = sorted(set(task_experts) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_experts names {unknown}, which are not tasks of the model ({self.tasks})")
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -115,7 +140,19 @@ class MoEViT(nn.Module):
         for i in range(depth):
             block = TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path[i])
             if i in self.moe_layer_indices:
-                block.mlp = MoEMlp(embed_dim, expert_hidden, num_experts, top_k, self.tasks)
+                layer_experts = experts_per_layer[i]
+                if isinstance(num_experts, Mapping) and layer_experts == 1:
+                    block.mlp = Mlp(embed_dim, expert_hidden)
+                else:
+                    layer_top_k = min(top_k, layer_experts) if isinstance(num_experts, Mapping) else top_k
+                    block.mlp = MoEMlp(
+                        embed_dim,
+                        expert_hidden,
+                        layer_experts,
+                        layer_top_k,
+                        self.tasks,
+                        task_experts=task_experts,
+                    )
                 if attention_experts:
                     block.attn = MoEAttention(
                         embed_dim,

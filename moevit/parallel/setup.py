@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
 from moevit.config.errors import ConfigError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from moevit.config.schema import Config
 
 LAYOUT_SOURCE = "parallel layout"
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name for its CPU shared-memory all-reduce op
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # a first NCCL/GLOO collective may wait on a slow rank's data loading
 
 
@@ -102,6 +104,7 @@ def initialize_distributed(cfg: Config, timeout: timedelta = DEFAULT_TIMEOUT) ->
     backend = resolve_backend(cfg)
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+    skip_inference_comm_op()
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
@@ -112,6 +115,17 @@ def initialize_distributed(cfg: Config, timeout: timedelta = DEFAULT_TIMEOUT) ->
     )
     ensure_expert_groups(cfg.parallel.ep_size)
     return env
+
+
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    DeepSpeed's torch backend builds that op at start-up when it is "compatible" (~100 s of C++
+    compilation on a fresh machine, then cached), but only `inference_all_reduce` uses it; training
+    never does. DeepSpeed keeps the compatibility table as one editable dict for this purpose.
+    """
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def ensure_expert_groups(ep_size: int) -> None:

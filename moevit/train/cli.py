@@ -40,7 +40,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML config file (the run's config.yaml works)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.eval_batches=10")
     parser.add_argument(
-        "--checkpoint", required=True, help="a run dir (its newest checkpoint) or a checkpoint dir"
+        "--checkpoint",
+        required=True,
+        help="a run dir (its newest checkpoint), a checkpoint dir, or a pruned model dir (moevit prune)",
     )
     parser.add_argument("--json", type=Path, help="write {task: {metric: value}} here")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (re-launched under torchrun)")
@@ -116,8 +118,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if _needs_relaunch(args.nproc):
-        resolve_checkpoint(args.checkpoint, Path(args.checkpoint), "--checkpoint")
-        build_checked_model(cfg, args.nproc, args.config)
+        from moevit.prune.manifest import is_pruned_dir
+
+        if not is_pruned_dir(args.checkpoint):  # a pruned model is checked when the workers load it
+            resolve_checkpoint(args.checkpoint, Path(args.checkpoint), "--checkpoint")
+            build_checked_model(cfg, args.nproc, args.config)
         output = ["--json", str(args.json)] if args.json else []
         argv = ["eval", args.config, *args.overrides, "--checkpoint", args.checkpoint, *output]
         return _relaunch(argv, args.nproc)

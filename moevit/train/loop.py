@@ -8,6 +8,8 @@ torchtitan: check everything, then start the process group, then parallelise the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -17,8 +19,10 @@ import torch
 
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
+from moevit.continual.start import start_continual, training_tasks_config
 from moevit.data.multitask import derive_seed
 from moevit.eval import evaluate
+from moevit.fileio import write_text_atomically
 from moevit.parallel.checkpoint import (
     capture_rng_state,
     consolidated_state_dict,
@@ -35,7 +39,9 @@ from moevit.parallel.setup import device_for, initialize_distributed
 from moevit.train.balancing import build_balancer
 from moevit.train.loader import build_train_loader
 from moevit.train.logging import RunLogger
+from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model
+from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
 from moevit.train.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.train.step import MultiTaskStep
 from moevit.train.usage_plots import ExpertUsage, write_usage_report
@@ -86,7 +92,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, rank: int, world_size: i
 
 
 def run_training(
-    cfg: Config, resume: str | None = None, source: str = "config"
+    cfg: Config, resume: str | None = None, source: str = "config", model: torch.nn.Module | None = None
 ) -> dict[str, dict[str, float]]:
     """Trains `cfg` on the processes of this launch; returns the last evaluation's {task: {metric: value}}.
 
@@ -95,18 +101,27 @@ def run_training(
         resume: None (fresh run), "auto" (newest complete checkpoint of `cfg.output_dir`, if any), or a
             run dir or checkpoint directory to continue from.
         source: where `cfg` came from, for error messages.
+        model: a prebuilt single-device model to train instead of the config's (fine-tuning,
+            moevit.finetune); parameters with requires_grad False stay out of the optimizer.
     """
     run = RunDir(Path(cfg.output_dir))
     check_output_dir(cfg, resume)
+    preemption = Preemption.install()  # USR2: checkpoint and requeue; SIGTERM: checkpoint and exit
     checkpoint = resolve_checkpoint(resume, run.root)
-    model = build_checked_model(cfg, detect_environment().world_size, source)
+    if model is None:
+        model = build_checked_model(cfg, detect_environment().world_size, source)
+        if cfg.continual is not None:  # expanded weights in, old tasks frozen, before the engine shards
+            start_continual(model, cfg, source)
+    train_cfg = training_tasks_config(cfg)  # the tasks that train; evaluation keeps all of cfg's
     env = initialize_distributed(cfg)
     device = device_for(env)
     engine = build_engine(model, cfg, env)  # shards the experts over parallel.ep_size ranks first
     seed_rank(cfg.seed, env.rank)
-    loader = build_train_loader(cfg, env.rank, env.world_size)
-    balancer = build_balancer(cfg.train.loss_balancing, {n: t.loss_weight for n, t in cfg.tasks.items()})
-    usage = ExpertUsage(list(cfg.tasks))
+    loader = build_train_loader(train_cfg, env.rank, env.world_size)
+    balancer = build_balancer(
+        cfg.train.loss_balancing, {n: t.loss_weight for n, t in train_cfg.tasks.items()}
+    )
+    usage = ExpertUsage(list(train_cfg.tasks))
     if is_main_process():
         prepare_run_dir(cfg)
     barrier()
@@ -121,8 +136,16 @@ def run_training(
         restore_rng_state(state["rng"])
 
     train_step = MultiTaskStep(
-        engine, list(cfg.tasks), cfg.aux_loss, loader.expected_ratios(), env.world_size, device
+        engine,
+        list(train_cfg.tasks),
+        cfg.aux_loss,
+        loader.expected_ratios(),
+        env.world_size,
+        device,
+        max_bad_steps=cfg.train.max_bad_steps,
     )
+    if checkpoint is not None and "nonfinite" in state:
+        train_step.load_state_dict(state["nonfinite"])
     last = cfg.train.steps
     logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
     if checkpoint is not None:
@@ -130,9 +153,10 @@ def run_training(
     metrics: dict[str, dict[str, float]] = {}
     for step in range(start_step + 1, last + 1):
         started = time.perf_counter()
-        result = train_step(next(loader), balancer.weights())
-        balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
-        usage.add(result.expert_counts)
+        result = train_step(next(loader), balancer.weights(), step)
+        if not result.skipped:  # a NaN/inf step updated nothing; its losses would poison the balancer
+            balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
+            usage.add(result.expert_counts)
         skipped = skipped_samples_over_ranks(loader.skipped_counts(), device)
         logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started, skipped)
         if is_due(step, cfg.train.eval_every, last):
@@ -141,17 +165,26 @@ def run_training(
             report = usage.reduce_and_reset(step, device)
             if is_main_process():
                 write_usage_report(run.plots, report)
-        if is_due(step, cfg.train.checkpoint_every, last):
+        stopping = step < last and preemption.agreed(device)  # collective: same answer on every rank
+        if stopping or is_due(step, cfg.train.checkpoint_every, last):
             client_state = {
                 "step": step,
                 "loader": loader.state_dict(),
                 "rng": capture_rng_state(),
                 "balancer": balancer.state_dict(),
                 "usage": usage.state_dict(),
+                "nonfinite": train_step.state_dict(),
             }
             save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
+        if stopping:
+            logger.message(preemption.describe(step))
+            break
+    peak_memory = peak_memory_over_ranks(device)
+    if is_main_process():
+        write_text_atomically(run.root / RESOURCES_FILE, json.dumps(peak_memory) + "\n")
     logger.close()
     loader.close()
+    preemption.finish()  # after USR2, rank 0 requeues the SLURM job; otherwise restores the handlers
     return metrics
 
 
@@ -159,8 +192,22 @@ def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict
     """Evaluates a checkpoint (a run dir: its newest; or `<run>/checkpoints/<tag>`) on every task.
 
     The weights come consolidated (moevit.parallel.checkpoint), so any process count and ep_size works,
-    whatever the training layout was.
+    whatever the training layout was. A pruned model directory (`moevit prune`, holding manifest.json) is
+    evaluated on its own tasks, data-parallel only (its experts stay whole on every process).
     """
+    from moevit.prune.manifest import is_pruned_dir, load_pruned
+
+    if is_pruned_dir(checkpoint):
+        model, manifest = load_pruned(checkpoint)
+        missing = [task for task in manifest.tasks if task not in cfg.tasks]
+        if missing:
+            raise ConfigError(source, f"the pruned model's task(s) {missing} have no entry under 'tasks'")
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep_size=1))
+        env = initialize_distributed(cfg)
+        device = device_for(env)
+        return evaluate(
+            model.to(device), cfg, manifest.tasks, cfg.train.eval_batches, env.rank, env.world_size, device
+        )
     run_root, tag = resolve_checkpoint(checkpoint, Path(checkpoint), flag="--checkpoint")
     model = build_checked_model(cfg, detect_environment().world_size, source)
     model.load_state_dict(consolidated_state_dict(run_root / "checkpoints" / tag))

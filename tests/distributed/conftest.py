@@ -6,8 +6,8 @@ processes with torchrun's environment variables on a free port, runs the module-
 rank that fails stops the others at once; a run that exceeds `timeout_s` is killed. Either way
 the test fails with the tail of every rank's log, instead of hanging CI.
 
-Every DeepSpeed start needs a small JIT-compiled op (~100 s the first time, then cached under
-~/.cache/torch_extensions); the session fixture builds it once before any timed run.
+moevit.parallel.setup keeps DeepSpeed from JIT-compiling its CPU inference op (~100 s on a fresh
+machine), so a timed run measures only the test.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 WORKER = Path(__file__).with_name("_worker.py")
 # Lets test files (imported by pytest with --import-mode=importlib) import engine_fixtures.
 sys.path.insert(0, str(Path(__file__).parent))
-JIT_BUILD_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
@@ -96,19 +95,7 @@ def _launch(target, world_size: int, timeout_s: float, workdir: Path, kwargs: di
 
 
 @pytest.fixture(scope="session")
-def deepspeed_jit_cache(tmp_path_factory) -> None:
-    """Build DeepSpeed's JIT op once (single process), so timed runs do not include the build."""
-    _launch(_start_deepspeed, 1, JIT_BUILD_TIMEOUT_S, tmp_path_factory.mktemp("jit"), {})
-
-
-def _start_deepspeed() -> None:
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-
-
-@pytest.fixture(scope="session")
-def run_workers(tmp_path_factory, deepspeed_jit_cache):
+def run_workers(tmp_path_factory):
     """run_workers(target, world_size=2, timeout_s=120, **kwargs) -> [result of rank 0, rank 1, ...]."""
 
     def run(target, world_size: int = 2, timeout_s: float = 120, **kwargs) -> list:

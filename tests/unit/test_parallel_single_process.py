@@ -4,7 +4,12 @@ schedule, checkpoint discovery and RNG state."""
 import copy
 import json
 import math
+import os
 import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +159,31 @@ def test_rng_state_is_json_and_round_trips():
     restore_rng_state(state)
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_starting_the_process_group_on_cpu_compiles_no_deepspeed_op(tmp_path):
+    # DeepSpeed would JIT-build its inference all-reduce op here (~100 s on a fresh machine).
+    script = (
+        "from moevit.config import load_config\n"
+        "from moevit.parallel.setup import initialize_distributed\n"
+        "initialize_distributed(load_config('configs/demo.yaml', ['parallel.ep_size=1']))\n"
+    )
+    extensions = tmp_path / "torch_extensions"
+    env = dict(
+        os.environ,
+        TORCH_EXTENSIONS_DIR=str(extensions),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=repo, check=True, timeout=120)
+    assert not extensions.exists() or not any(extensions.iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,8 +7,8 @@ Layout and JSON as in COCO 2017 (https://cocodataset.org/#format-data):
         images       [{id, file_name, width, height, license, coco_url, flickr_url, date_captured}]
         annotations  [{id, image_id, category_id, bbox [x, y, w, h] in pixels, area, iscrowd, segmentation}]
         categories   [{id, name, supercategory}]
-Each image holds 0-4 separated shapes with random textures and colors on a faintly textured background;
-the category is the shape. Image ids and category ids are not contiguous, as in COCO; `segmentation`
+Each image holds 0-4 separated shapes with random outlines and textures on a faintly textured, near-grey
+background; the category is the object's hue family (spec.COCO_CATEGORY_IDS). Image ids and category ids are not contiguous, as in COCO; `segmentation`
 is the shape's polygon and `area` the polygon's area.
 """
 
@@ -20,9 +20,11 @@ import numpy as np
 from PIL import Image
 
 from moevit.data.synth.shapes import (
+    SHAPES,
     TEXTURES,
     composite,
-    distinct_color,
+    hue_shades,
+    neutral_color,
     polygon_area,
     random_translation,
     rasterize,
@@ -38,12 +40,14 @@ from moevit.data.synth.spec import (
     COCO_MAX_OBJECTS,
     COCO_OBJECT_SIZE,
     GENERATOR_VERSION,
+    HUE_FAMILIES,
+    HUE_JITTER_DEG,
     JPEG_QUALITY,
     MAX_ROTATION_DEG,
     sample_rng,
 )
 
-DETECTION_SHAPES = tuple(COCO_CATEGORY_IDS)
+DETECTION_CATEGORIES = tuple(COCO_CATEGORY_IDS)
 # Image ids 1, 4, 7, ... for train and 2, 5, 8, ... for val: disjoint between splits and with gaps,
 # so that no reader can confuse an image id with a list index.
 _IMAGE_ID_STRIDE = 3
@@ -65,13 +69,13 @@ def _boxes_touch(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]) -> tuple[np.ndarray, list]:
-    """One (H, W, 3) uint8 image and its objects as (shape name, polygon (K, 2) in pixels) pairs."""
+    """One (H, W, 3) uint8 image and its objects as (category name, polygon (K, 2) in pixels) pairs."""
     height, width = image_size
-    background_color = rng.uniform(40, 215, size=3)
-    canvas = smooth_background(height, width, rng, background_color, variation=35)
-    # Clutter: a faint texture over the whole background, weaker than any object's contrast.
+    background_color = neutral_color(rng)
+    canvas = smooth_background(height, width, rng, background_color, variation=20)
+    # Clutter: a faint grey texture over the whole background, weaker than any object's contrast.
     clutter = texture(
-        TEXTURES[rng.integers(len(TEXTURES))], height, width, [background_color, rng.uniform(0, 255, 3)], rng
+        TEXTURES[rng.integers(len(TEXTURES))], height, width, [background_color, neutral_color(rng)], rng
     )
     canvas = composite(canvas, clutter, np.full((height, width), rng.uniform(0.1, 0.25), np.float32))
 
@@ -80,7 +84,8 @@ def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]
     )
     objects, boxes = [], []
     for _ in range(num_objects):
-        shape = DETECTION_SHAPES[rng.integers(len(DETECTION_SHAPES))]
+        category = DETECTION_CATEGORIES[rng.integers(len(DETECTION_CATEGORIES))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
         template = shape_polygon(
             shape, rng.uniform(*COCO_OBJECT_SIZE), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
         )
@@ -91,22 +96,21 @@ def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]
                 break
         else:
             continue  # no free room left: the image gets fewer objects
-        first_color = distinct_color(rng, [background_color], min_distance=80)
-        second_color = distinct_color(rng, [background_color, first_color], min_distance=80)
-        fill = texture(TEXTURES[rng.integers(len(TEXTURES))], height, width, [first_color, second_color], rng)
+        colors = hue_shades(rng, HUE_FAMILIES[category], HUE_JITTER_DEG["coco"])
+        fill = texture(TEXTURES[rng.integers(len(TEXTURES))], height, width, colors, rng)
         canvas = composite(canvas, fill, rasterize(polygon, height, width))
-        objects.append((shape, polygon))
+        objects.append((category, polygon))
         boxes.append(box)
     return to_uint8(canvas, rng, rng.uniform(2, 8)), objects
 
 
-def _annotation(annotation_id: int, image_id: int, shape: str, polygon: np.ndarray) -> dict:
+def _annotation(annotation_id: int, image_id: int, category: str, polygon: np.ndarray) -> dict:
     x0, y0 = polygon.min(axis=0)
     x1, y1 = polygon.max(axis=0)
     return {
         "id": annotation_id,
         "image_id": image_id,
-        "category_id": COCO_CATEGORY_IDS[shape],
+        "category_id": COCO_CATEGORY_IDS[category],
         "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
         "area": round(polygon_area(polygon), 2),
         "iscrowd": 0,
@@ -138,8 +142,8 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
         )
         # Annotation ids from the image id keep them unique across both splits without a running counter.
         annotations += [
-            _annotation(image_id * (COCO_MAX_OBJECTS + 1) + k, image_id, shape, polygon)
-            for k, (shape, polygon) in enumerate(objects)
+            _annotation(image_id * (COCO_MAX_OBJECTS + 1) + k, image_id, category, polygon)
+            for k, (category, polygon) in enumerate(objects)
         ]
     instances = {
         "info": {
@@ -154,7 +158,7 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": category_id, "name": name, "supercategory": "shape"}
+            {"id": category_id, "name": name, "supercategory": "colour"}
             for name, category_id in COCO_CATEGORY_IDS.items()
         ],
     }

@@ -5,8 +5,9 @@ Layout, as the ILSVRC2012 train archive unpacks and as the validation images are
     imagenet/train/<wnid>/<wnid>_<n>.JPEG
     imagenet/val/<wnid>/ILSVRC2012_val_<n:08d>.JPEG
     imagenet/LOC_synset_mapping.txt          one "<wnid> <class name>" line per class
-Each image shows one large textured shape on a smooth background; its class is the (shape, texture)
-pair of spec.IMAGENET_CLASSES, its wnid "n" + the 1-based class index in 8 digits (sorted = class order).
+Each image shows one large shape, random in outline and texture, on a near-grey smooth background;
+its class is the object's hue family (spec.IMAGENET_CLASSES), its wnid "n" + the 1-based class index
+in 8 digits (sorted = class order).
 """
 
 from collections.abc import Mapping
@@ -16,8 +17,11 @@ import numpy as np
 from PIL import Image
 
 from moevit.data.synth.shapes import (
+    SHAPES,
+    TEXTURES,
     composite,
-    distinct_color,
+    hue_shades,
+    neutral_color,
     random_translation,
     rasterize,
     shape_polygon,
@@ -26,6 +30,8 @@ from moevit.data.synth.shapes import (
     to_uint8,
 )
 from moevit.data.synth.spec import (
+    HUE_FAMILIES,
+    HUE_JITTER_DEG,
     IMAGENET_CLASSES,
     IMAGENET_GRAYSCALE_FRACTION,
     IMAGENET_IMAGE_SIZE,
@@ -42,25 +48,25 @@ def wnid(class_index: int) -> str:
 
 
 def class_name(class_index: int) -> str:
-    """A readable class name, e.g. "solid circle"."""
-    shape, texture_name = IMAGENET_CLASSES[class_index]
-    return f"{texture_name} {shape}"
+    """A readable class name, e.g. "red"."""
+    return IMAGENET_CLASSES[class_index]
 
 
 def render_classification_image(
-    rng: np.random.Generator, shape: str, texture_name: str, image_size: tuple[int, int]
+    rng: np.random.Generator,
+    hue_deg: float,
+    image_size: tuple[int, int],
+    jitter_deg: float = HUE_JITTER_DEG["imagenet"],
 ) -> Image.Image:
-    """One RGB (rarely grayscale) image of a `texture_name`-filled `shape`."""
+    """One RGB (rarely grayscale) image of a random shape with a random texture in two shades of a hue
+    within +-`jitter_deg` of `hue_deg`."""
     height, width = image_size
-    background_color = rng.uniform(40, 215, size=3)
-    canvas = smooth_background(height, width, rng, background_color, variation=35)
-    # Both fill colors stand out from the background, so the outline is visible whatever the texture.
-    first_color = distinct_color(rng, [background_color], min_distance=80)
-    second_color = distinct_color(rng, [background_color, first_color], min_distance=80)
+    canvas = smooth_background(height, width, rng, neutral_color(rng), variation=20)
+    shape, texture_name = SHAPES[rng.integers(len(SHAPES))], TEXTURES[rng.integers(len(TEXTURES))]
     size = rng.uniform(*IMAGENET_OBJECT_FRACTION) * min(height, width)
     polygon = shape_polygon(shape, size, rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
     polygon = random_translation(polygon, height, width, rng)
-    fill = texture(texture_name, height, width, [first_color, second_color], rng)
+    fill = texture(texture_name, height, width, hue_shades(rng, hue_deg, jitter_deg), rng)
     alpha = rasterize(polygon, height, width)
     image = Image.fromarray(to_uint8(composite(canvas, fill, alpha), rng, rng.uniform(2, 8)))
     return image.convert("L") if rng.random() < IMAGENET_GRAYSCALE_FRACTION else image
@@ -81,12 +87,12 @@ def write_imagenet(
         image_size: (height, width) in pixels.
     """
     for split, count in images_per_class.items():
-        for class_index, (shape, texture_name) in enumerate(IMAGENET_CLASSES):
+        for class_index, family in enumerate(IMAGENET_CLASSES):
             folder = root / split / wnid(class_index)
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(count):
                 image = render_classification_image(
-                    sample_rng(seed, "imagenet", split, class_index, n), shape, texture_name, image_size
+                    sample_rng(seed, "imagenet", split, class_index, n), HUE_FAMILIES[family], image_size
                 )
                 if split == "train":
                     file_name = f"{wnid(class_index)}_{n + 1}.JPEG"

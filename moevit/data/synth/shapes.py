@@ -1,10 +1,12 @@
-"""Drawing primitives of the synthetic datasets: shape polygons, textures, smooth fields and noise.
+"""Drawing primitives of the synthetic datasets: shape polygons, textures, colours, smooth fields and noise.
 
-Two vocabularies are shared by all three synthetic datasets: SHAPES (outlines) and TEXTURES (fills).
+Vocabularies shared by the synthetic datasets: SHAPES (outlines), TEXTURES (fills) and hues
+(spec.HUE_FAMILIES, drawn by `hue_shades`).
 Images are float32 arrays (H, W, 3) in [0, 255] until `to_uint8`. Every random choice is drawn from
 the numpy Generator passed in, so a picture is a pure function of that generator's seed.
 """
 
+import colorsys
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,6 +134,21 @@ def distinct_color(rng: np.random.Generator, avoid: Sequence[np.ndarray], min_di
         if all(np.linalg.norm(color - other) >= min_distance for other in avoid):
             return color
     raise RuntimeError(f"no color {min_distance} away from {len(avoid)} colors after 1000 draws")
+
+
+def hue_shades(rng: np.random.Generator, hue_deg: float, jitter_deg: float) -> list[np.ndarray]:
+    """Two RGB colours (0..255) of one saturated hue within +-`jitter_deg` of `hue_deg`: a light
+    shade and a dark one, so that every texture drawn with them shows its pattern."""
+    hue = (hue_deg + rng.uniform(-jitter_deg, jitter_deg)) % 360 / 360
+    saturation = rng.uniform(0.6, 1.0)
+    values = (rng.uniform(0.8, 1.0), rng.uniform(0.4, 0.6))
+    return [np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255 for value in values]
+
+
+def neutral_color(rng: np.random.Generator) -> np.ndarray:
+    """A near-grey RGB colour (channels within +-15 of a grey level in 60..200): a background whose
+    own hue never competes with the object's."""
+    return rng.uniform(60, 200) + rng.uniform(-15, 15, size=3)
 
 
 def smooth_field(height: int, width: int, rng: np.random.Generator, grid: int = 3) -> np.ndarray:

@@ -3,6 +3,7 @@ marker, drawing primitives, and reading the output back through moevit's readers
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import hashlib
 import io
@@ -21,16 +22,19 @@ from pycocotools.cocoeval import COCOeval
 from moevit.data.synth import synthetic_data_is_complete, write_synthetic_datasets
 from moevit.data.synth.ade20k import write_ade20k
 from moevit.data.synth.coco import write_coco
-from moevit.data.synth.imagenet import write_imagenet
+from moevit.data.synth.imagenet import render_classification_image, write_imagenet
 from moevit.data.synth.shapes import SHAPES, TEXTURES, polygon_area, rasterize, shape_polygon, texture
 from moevit.data.synth.spec import (
     ADE20K_CLASSES,
     ADE20K_IMAGE_SIZE,
     COCO_CATEGORY_IDS,
     COCO_IMAGE_SIZE,
+    HUE_FAMILIES,
+    HUE_JITTER_DEG,
     IMAGENET_CLASSES,
     IMAGENET_IMAGE_SIZE,
     SIZES,
+    sample_rng,
 )
 
 TINY = SIZES["tiny"]
@@ -166,7 +170,7 @@ def test_imagenet_has_wnid_folders_of_decodable_jpegs(tiny):
                     assert image.size == IMAGENET_IMAGE_SIZE[::-1]
                     image.load()
     names = (root / "imagenet" / "LOC_synset_mapping.txt").read_text().splitlines()
-    assert names[0] == "n00000001 solid circle"
+    assert names[0] == "n00000001 red"
 
 
 # ---------------------------------------------------------------- COCO layout
@@ -252,13 +256,29 @@ def test_ade20k_label_pngs_match_their_images(tiny):
 # ---------------------------------------------------------------- vocabulary and drawing primitives
 
 
-def test_classes_need_both_shape_and_texture():
-    shapes = Counter(shape for shape, _ in IMAGENET_CLASSES)
-    textures = Counter(texture_name for _, texture_name in IMAGENET_CLASSES)
-    assert set(shapes) <= set(SHAPES) and set(textures) <= set(TEXTURES)
-    assert len(set(IMAGENET_CLASSES)) == len(IMAGENET_CLASSES)
-    assert min(shapes.values()) >= 2 and min(textures.values()) >= 2
-    assert set(COCO_CATEGORY_IDS) <= set(SHAPES) and set(ADE20K_CLASSES) <= set(TEXTURES)
+def test_each_task_reads_its_own_vocabulary():
+    assert set(IMAGENET_CLASSES) == set(HUE_FAMILIES)
+    assert set(COCO_CATEGORY_IDS) <= set(HUE_FAMILIES) and set(ADE20K_CLASSES) <= set(TEXTURES)
+    # labels are unambiguous: a class's hue spread stays inside half the spacing to its neighbours
+    for hues, jitter in (
+        ([HUE_FAMILIES[c] for c in IMAGENET_CLASSES], HUE_JITTER_DEG["imagenet"]),
+        ([HUE_FAMILIES[c] for c in COCO_CATEGORY_IDS], HUE_JITTER_DEG["coco"]),
+    ):
+        spacing = min((b - a) % 360 for a in hues for b in hues if a != b)
+        assert jitter < spacing / 2
+
+
+def test_classification_images_show_their_hue():
+    for class_index, family in enumerate(IMAGENET_CLASSES):
+        image = render_classification_image(
+            sample_rng(0, "test", class_index), HUE_FAMILIES[family], (64, 64)
+        )
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in pixels.reshape(-1, 3)])
+        saturated = hsv[hsv[:, 1] > 0.45]  # the object; the background is near grey
+        assert len(saturated) > 0.1 * len(hsv)
+        offset = (np.median(saturated[:, 0]) * 360 - HUE_FAMILIES[family] + 180) % 360 - 180
+        assert abs(offset) < HUE_JITTER_DEG["imagenet"] + 5, family
 
 
 @pytest.mark.parametrize("shape", SHAPES)
