@@ -59,12 +59,14 @@ def test_sigterm_stops_without_requeue_even_after_usr2(requeued):
 
 def test_usr2_outside_slurm_checkpoints_and_exits(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    # Whatever handled USR2 before (in a full pytest session, possibly not SIG_DFL) is restored.
+    previous = signal.getsignal(signal.SIGUSR2)
     preemption = Preemption.install(requeue=lambda job: pytest.fail("no SLURM job to requeue"))
     os.kill(os.getpid(), signal.SIGUSR2)
     assert preemption.agreed(CPU)
     assert preemption.describe(1).endswith("exiting")
     preemption.finish()
-    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGUSR2) == previous
 
 
 def test_a_second_sigterm_kills_at_once():
