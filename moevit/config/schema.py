@@ -7,7 +7,7 @@ the variant's value", so a config only names what it changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 TaskType = Literal["classification", "detection", "segmentation"]
@@ -260,6 +260,16 @@ class Config:
     continual: ContinualConfig | None = None  # set by `moevit expand` (moevit.continual)
     seed: int = 0
     output_dir: str = "runs/default"
+
+    def only_tasks(self, tasks: list[str]) -> Config:
+        """This config with only `tasks` (in that order), their sampling ratios included."""
+        ratios = self.train.sampling.ratios
+        sampling = replace(
+            self.train.sampling, ratios=None if ratios is None else {t: ratios[t] for t in tasks}
+        )
+        return replace(
+            self, tasks={t: self.tasks[t] for t in tasks}, train=replace(self.train, sampling=sampling)
+        )
 
     def validate(self) -> None:
         if not self.tasks:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -81,12 +80,4 @@ def training_tasks_config(cfg: Config) -> Config:
     tasks = train_tasks_of(cfg)
     if tasks == list(cfg.tasks):
         return cfg
-    ratios = cfg.train.sampling.ratios
-    sampling = dataclasses.replace(
-        cfg.train.sampling, ratios=None if ratios is None else {t: ratios[t] for t in tasks}
-    )
-    return dataclasses.replace(
-        cfg,
-        tasks={t: cfg.tasks[t] for t in tasks},
-        train=dataclasses.replace(cfg.train, sampling=sampling),
-    )
+    return cfg.only_tasks(tasks)

@@ -135,16 +135,8 @@ def extract(
 
 def restrict_config(cfg: Config, tasks: Sequence[str]) -> Config:
     """`cfg` with only `tasks` (their data for eval/calibration) and no expert parallelism."""
-    ratios = cfg.train.sampling.ratios
-    sampling = dataclasses.replace(
-        cfg.train.sampling, ratios=None if ratios is None else {t: ratios[t] for t in tasks}
-    )
-    return dataclasses.replace(
-        cfg,
-        tasks={t: cfg.tasks[t] for t in tasks},
-        train=dataclasses.replace(cfg.train, sampling=sampling),
-        parallel=dataclasses.replace(cfg.parallel, ep_size=1),
-    )
+    restricted = cfg.only_tasks(list(tasks))
+    return dataclasses.replace(restricted, parallel=dataclasses.replace(cfg.parallel, ep_size=1))
 
 
 def write_pruned(
