@@ -106,7 +106,6 @@ def run_training(
     """
     run = RunDir(Path(cfg.output_dir))
     check_output_dir(cfg, resume)
-    preemption = Preemption.install()  # USR2: checkpoint and requeue; SIGTERM: checkpoint and exit
     checkpoint = resolve_checkpoint(resume, run.root)
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
@@ -151,6 +150,9 @@ def run_training(
     if checkpoint is not None:
         logger.message(f"resumed from {checkpoint[0] / 'checkpoints' / checkpoint[1]} at step {start_step}")
     metrics: dict[str, dict[str, float]] = {}
+    # Caught from here on (USR2: checkpoint and requeue; SIGTERM: checkpoint and exit), not during set-up:
+    # a set-up error then leaves no handler behind in a process that goes on (tests, notebooks).
+    preemption = Preemption.install()
     for step in range(start_step + 1, last + 1):
         started = time.perf_counter()
         result = train_step(next(loader), balancer.weights(), step)
