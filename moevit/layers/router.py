@@ -17,7 +17,9 @@ use k >= 2 when the task loss should shape routing.)
 A task may be restricted to the first n experts of the layer (`task_experts`; continual learning,
 moevit.continual): its gate has n rows, so its logits, top-k choices and weights are those of a layer
 with n experts, bit for bit, and it never routes to the experts added after them. Its routing
-record is padded with zeros to the layer's E, so every task's record has the same width.
+record is padded with zeros to the layer's E, so every task's record has the same width. A pruned
+model may leave such a task fewer than K experts (moevit.prune); it then routes to all n of them,
+as a pruned layer with fewer than K experts does for every task.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ class TaskRouter(nn.Module):
         num_experts: experts shared by all tasks (E).
         top_k: experts per token (K).
         tasks: task names; each gets its own gate.
-        task_experts: task -> n: that task routes among experts 0..n-1 only (K <= n <= E); tasks
-            not named route among all E (see the module docstring).
+        task_experts: task -> n: that task routes among experts 0..n-1 only (1 <= n <= E), with
+            top-min(K, n); tasks not named route among all E (see the module docstring).
     """
 
     def __init__(
@@ -138,10 +140,8 @@ class TaskRouter(nn.Module):
                 f"task_experts names {unknown}, which are not tasks of this router ({list(tasks)})"
             )
         for task, n in task_experts.items():
-            if not top_k <= n <= num_experts:
-                raise ValueError(
-                    f"task_experts[{task!r}]={n} must be in [top_k={top_k}, num_experts={num_experts}]"
-                )
+            if not 1 <= n <= num_experts:
+                raise ValueError(f"task_experts[{task!r}]={n} must be in [1, num_experts={num_experts}]")
         self.num_experts = num_experts
         self.top_k = top_k
         self.gates = nn.ModuleDict(
@@ -159,14 +159,15 @@ class TaskRouter(nn.Module):
             raise KeyError(f"no router for task {task!r}; this layer routes {self.tasks}")
         gate = self.gates[task]
         routable = gate.weight.shape[0]  # experts 0..routable-1; fewer than E for a restricted task
+        top_k = min(self.top_k, routable)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = expert_logits(x_TD.float(), gate.weight.float())
             probs_TE = logits_TE.softmax(dim=-1)
             if self.force_balanced:
-                expert_idx_TK = self._balanced_assignment(x_TD.shape[0], x_TD.device, routable)
+                expert_idx_TK = self._balanced_assignment(x_TD.shape[0], x_TD.device, routable, top_k)
                 selected_logits_TK = logits_TE.gather(1, expert_idx_TK)
             else:
-                selected_logits_TK, expert_idx_TK = logits_TE.topk(self.top_k, dim=-1)
+                selected_logits_TK, expert_idx_TK = logits_TE.topk(top_k, dim=-1)
             weights_TK = selected_logits_TK.softmax(dim=-1)
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
         counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=self.num_experts)
@@ -189,10 +190,12 @@ class TaskRouter(nn.Module):
         """How many experts (the first n) `task` routes among."""
         return self.gates[task].weight.shape[0]
 
-    def _balanced_assignment(self, num_tokens: int, device: torch.device, routable: int) -> torch.Tensor:
+    def _balanced_assignment(
+        self, num_tokens: int, device: torch.device, routable: int, top_k: int
+    ) -> torch.Tensor:
         """Token t uses experts (t, t+1, ..., t+K-1) mod n: every routable expert gets tokens once T >= n."""
         token = torch.arange(num_tokens, device=device)[:, None]
-        slot = torch.arange(self.top_k, device=device)[None, :]
+        slot = torch.arange(top_k, device=device)[None, :]
         return (token + slot) % routable
 
     def extra_repr(self) -> str:

@@ -46,6 +46,17 @@ def _experts_per_layer(num_experts: int | Mapping[int, int], moe_layers: list[in
     return per_layer
 
 
+def _task_experts_of_block(task_experts: Mapping[str, int | Mapping[int, int]], block: int) -> dict[str, int]:
+    """The `task -> n` restrictions of one MoE block (per-block forms that skip it: no restriction)."""
+    restricted = {}
+    for task, n in task_experts.items():
+        if not isinstance(n, Mapping):
+            restricted[task] = int(n)
+        elif block in n:
+            restricted[task] = int(n[block])
+    return restricted
+
+
 class MoEViT(nn.Module):
     """ViT backbone whose MoE layers route tokens with one gate per task.
 
@@ -75,7 +86,8 @@ class MoEViT(nn.Module):
         class_token: prepend a class token (timm's default ViT).
         task_experts: task -> n: in every MoE MLP layer that task routes among experts 0..n-1 only
             (continual learning: tasks trained before an expansion keep their experts, bit for bit;
-            see moevit.continual). Tasks not named route among all experts of the layer.
+            see moevit.continual); or task -> {block index: n}, per MoE block (a pruned expanded
+            model, see moevit.prune). Tasks not named route among all experts of the layer.
     """
 
     def __init__(
@@ -99,7 +111,7 @@ class MoEViT(nn.Module):
         attention_head_dim: int = 64,
         drop_path_rate: float = 0.0,
         class_token: bool = True,
-        task_experts: Mapping[str, int] | None = None,
+        task_experts: Mapping[str, int | Mapping[int, int]] | None = None,
     ):
         super().__init__()
         if not tasks:
@@ -113,10 +125,19 @@ class MoEViT(nn.Module):
         self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
         expert_hidden = expert_hidden or int(embed_dim * mlp_ratio)
         experts_per_layer = _experts_per_layer(num_experts, self.moe_layer_indices)
-        task_experts = dict(task_experts or {})
+        task_experts = {
+            task: {int(i): n for i, n in v.items()} if isinstance(v, Mapping) else v
+            for task, v in (task_experts or {}).items()
+        }
         unknown = sorted(set(task_experts) - set(self.tasks))
         if unknown:
             raise ValueError(f"task_experts names {unknown}, which are not tasks of the model ({self.tasks})")
+        for task, per_block in task_experts.items():
+            if isinstance(per_block, Mapping) and not set(per_block) <= set(self.moe_layer_indices):
+                raise ValueError(
+                    f"task_experts[{task!r}] names blocks {sorted(per_block)}; the MoE blocks are "
+                    f"{self.moe_layer_indices}"
+                )
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -151,7 +172,7 @@ class MoEViT(nn.Module):
                         layer_experts,
                         layer_top_k,
                         self.tasks,
-                        task_experts=task_experts,
+                        task_experts=_task_experts_of_block(task_experts, i),
                     )
                 if attention_experts:
                     block.attn = MoEAttention(

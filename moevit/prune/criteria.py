@@ -17,6 +17,9 @@ shares (budgets).
 
 A layer keeping fewer than K experts runs top-min(K, n) routing; one keeping one expert becomes a
 plain MLP (moevit.models.moe_vit). Ties in usage go to the lower expert id.
+
+A task restricted to the first n experts of a layer (trained before a continual expansion) is judged
+on those n only: "keep all" keeps the experts it can reach, not the ones added for a later task.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def select_experts(
     top_k: Mapping[str, int],
     criterion: Criterion,
     cost: Callable[[Mapping[str, int]], float] | None = None,
+    routable: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Plan:
     """The plan of `criterion` for `tasks`.
 
@@ -116,6 +120,7 @@ def select_experts(
         top_k: layer -> its routing top-k.
         criterion: what to keep.
         cost: for budgets, the cost (parameters or GFLOPs) of a plan given as {layer: kept count}.
+        routable: layer -> task -> n for tasks that route among the first n experts only.
     """
     criterion.validate()
     shares = task_shares(usage, tasks)
@@ -127,7 +132,8 @@ def select_experts(
     for layer, by_task in shares.items():
         kept: set[int] = set()
         for task in tasks:
-            kept |= _per_task(by_task[task], criterion, top_k[layer])
+            reachable = (routable or {}).get(layer, {}).get(task, len(by_task[task]))
+            kept |= _per_task(by_task[task][:reachable], criterion, min(top_k[layer], reachable))
         plan[layer] = sorted(kept)
     return plan
 

@@ -6,6 +6,11 @@ keeping a single expert gets that expert's weights as a plain MLP. Everything el
 embedding, attention, norms, dense MLPs) is copied unchanged, the kept tasks' heads and task
 embeddings too; other tasks' gates, embeddings and heads are dropped. The target architecture comes
 from the manifest (manifest.py), so the copy is checked key by key and shape by shape.
+
+A task restricted to a layer's first n experts (trained before a continual expansion; its gate has n
+rows) keeps the gate rows of the kept experts among those n. Kept ids are sorted and the experts it
+reaches are a prefix of the source's, so in the pruned layer it again reaches a prefix: the first
+`len(kept ids < n)`, recorded in the manifest's `task_experts`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,31 @@ def mlp_layers(backbone: MoEViT) -> dict[str, MoEMlp]:
     return {name: module for name, module in backbone.routed_layers() if isinstance(module, MoEMlp)}
 
 
+def restricted_tasks(backbone: MoEViT) -> dict[str, dict[str, int]]:
+    """layer -> task -> n for the tasks that route among a layer's first n experts only."""
+    restricted: dict[str, dict[str, int]] = {}
+    for name, layer in mlp_layers(backbone).items():
+        for task in layer.router.tasks:
+            n = layer.router.routable_experts(task)
+            if n < layer.num_experts:
+                restricted.setdefault(name, {})[task] = n
+    return restricted
+
+
+def pruned_task_experts(
+    backbone: MoEViT, tasks: Sequence[str], plan: Mapping[str, Sequence[int]]
+) -> dict[str, dict[str, int]]:
+    """task -> layer -> n: the restricted tasks' reach in the pruned layers (see the module doc)."""
+    out: dict[str, dict[str, int]] = {}
+    for layer, by_task in restricted_tasks(backbone).items():
+        kept = plan[layer]
+        for task, n in by_task.items():
+            reach = sum(1 for i in kept if i < n)
+            if task in tasks and 1 < len(kept) and reach < len(kept):
+                out.setdefault(task, {})[layer] = reach
+    return out
+
+
 def check_plan(plan: Mapping[str, Sequence[int]], backbone: MoEViT) -> None:
     layers = mlp_layers(backbone)
     if sorted(plan) != sorted(layers):
@@ -78,7 +108,15 @@ def make_manifest(
         for task in tasks
     }
     kept = {name: [int(i) for i in ids] for name, ids in plan.items()}
-    return Manifest(list(tasks), cfg.model.name, args, kept, heads, dict(extra))
+    task_experts = pruned_task_experts(backbone, tasks, plan)
+    for task, by_layer in task_experts.items():
+        empty = [layer for layer, n in by_layer.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"the plan leaves task {task!r} no expert it can route to in {empty} (it reaches only the "
+                "experts it was trained with); keep at least one of them"
+            )
+    return Manifest(list(tasks), cfg.model.name, args, kept, heads, dict(extra), task_experts)
 
 
 def prune_state_dict(
@@ -103,9 +141,13 @@ def _kept(plan: Mapping[str, Sequence[int]], prefix: str) -> list[int]:
 def _source_value(
     source: Mapping[str, torch.Tensor], key: str, plan: Mapping[str, Sequence[int]]
 ) -> torch.Tensor:
-    match = _EXPERT_KEY.match(key) or _GATE_KEY.match(key)
+    match = _EXPERT_KEY.match(key)
     if match and key in source:
         return source[key][_kept(plan, match[1])]
+    match = _GATE_KEY.match(key)
+    if match and key in source:  # a restricted task's gate has rows for its first n experts only
+        rows = source[key].shape[0]
+        return source[key][[i for i in _kept(plan, match[1]) if i < rows]]
     match = _DENSE_KEY.match(key)
     if match and key not in source:  # a single kept expert became a plain MLP
         prefix, fc, part = match.groups()
@@ -134,9 +176,12 @@ def extract(
 
 
 def restrict_config(cfg: Config, tasks: Sequence[str]) -> Config:
-    """`cfg` with only `tasks` (their data for eval/calibration) and no expert parallelism."""
+    """`cfg` with only `tasks` (their data for eval/calibration), no expert parallelism and no
+    `continual` section (the manifest, not the config, says which experts each task reaches)."""
     restricted = cfg.only_tasks(list(tasks))
-    return dataclasses.replace(restricted, parallel=dataclasses.replace(cfg.parallel, ep_size=1))
+    return dataclasses.replace(
+        restricted, parallel=dataclasses.replace(cfg.parallel, ep_size=1), continual=None
+    )
 
 
 def write_pruned(

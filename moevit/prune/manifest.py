@@ -4,14 +4,17 @@ A pruned directory (written by `moevit prune`, see extract.py) holds
 
     manifest.json   {"format", "version", "tasks", "model": {"name", "args"}, "kept_experts":
                      {"blocks.<i>.mlp": [expert ids of the source model]}, "heads": {task: {"type",
-                     "num_classes", "image_size", "head_options"}}, "source": {...}, "criterion": ...}
+                     "num_classes", "image_size", "head_options"}}, "task_experts" (optional):
+                     {task: {"blocks.<i>.mlp": n}}, "source": {...}, "criterion": ...}
     model.pt        the pruned MultiTaskModel's state_dict (tensors only: `weights_only=True`)
     config.yaml     the source run's config restricted to the kept tasks (data, eval settings)
     report.json     parameters / GFLOPs (and metrics, with --eval) before and after
 
 The manifest alone rebuilds the architecture: MoEViT gets `num_experts={block: len(kept)}` (a block
 keeping one expert becomes a plain MLP, top_k is clamped to the kept count), and the heads are built
-from their recorded arguments. Loading needs neither the source checkpoint nor DeepSpeed: this file
+from their recorded arguments. `task_experts` names the tasks that route among a layer's first n kept
+experts only (old tasks of a continually expanded model, whose gates never had rows for the experts
+added later). Loading needs neither the source checkpoint nor DeepSpeed: this file
 imports only the model code.
 """
 
@@ -54,6 +57,8 @@ class Manifest:
     kept_experts: "blocks.<i>.mlp" -> sorted ids (in the source model) of the experts kept.
     heads: task -> {"type", "num_classes", "image_size", "head_options"}.
     extra: provenance (source checkpoint, criterion, usage source), written as is.
+    task_experts: task -> "blocks.<i>.mlp" -> n: the task routes among that layer's first n kept
+        experts only; layers and tasks not named route among all kept experts.
     """
 
     tasks: list[str]
@@ -62,9 +67,16 @@ class Manifest:
     kept_experts: dict[str, list[int]]
     heads: dict[str, dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    task_experts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def experts_per_block(self) -> dict[int, int]:
         return {int(_LAYER.match(layer)[1]): len(ids) for layer, ids in self.kept_experts.items()}
+
+    def task_experts_per_block(self) -> dict[str, dict[int, int]]:
+        return {
+            task: {int(_LAYER.match(layer)[1]): n for layer, n in by_layer.items()}
+            for task, by_layer in self.task_experts.items()
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +86,7 @@ class Manifest:
             "model": {"name": self.model_name, "args": self.model_args},
             "kept_experts": self.kept_experts,
             "heads": self.heads,
+            **({"task_experts": self.task_experts} if self.task_experts else {}),
             **self.extra,
         }
 
@@ -128,14 +141,46 @@ class Manifest:
             missing = [k for k in ("type", "num_classes", "image_size") if k not in head]
             if missing:
                 raise ManifestError(source, f"'heads.{task}' lacks {missing}")
+        task_experts = _check_task_experts(source, data.get("task_experts") or {}, tasks, kept)
         extra = {
             k: v
             for k, v in data.items()
-            if k not in ("format", "version", "tasks", "model", "kept_experts", "heads")
+            if k not in ("format", "version", "tasks", "model", "kept_experts", "heads", "task_experts")
         }
         return cls(
-            list(tasks), model["name"], args, {k: list(v) for k, v in kept.items()}, dict(heads), extra
+            list(tasks),
+            model["name"],
+            args,
+            {k: list(v) for k, v in kept.items()},
+            dict(heads),
+            extra,
+            task_experts,
         )
+
+
+def _check_task_experts(
+    source: str | Path, value: Any, tasks: list[str], kept: Mapping[str, list[int]]
+) -> dict[str, dict[str, int]]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(source, "'task_experts' must map task names to {layer: n}")
+    for task, by_layer in value.items():
+        if task not in tasks:
+            raise ManifestError(
+                source, f"'task_experts' names {task!r}, which is not one of the tasks {tasks}"
+            )
+        if not isinstance(by_layer, Mapping):
+            raise ManifestError(source, f"'task_experts.{task}' must map layer names to expert counts")
+        for layer, n in by_layer.items():
+            if layer not in kept:
+                raise ManifestError(
+                    source, f"'task_experts.{task}' names {layer!r}, not a layer of 'kept_experts'"
+                )
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(kept[layer]):
+                raise ManifestError(
+                    source,
+                    f"'task_experts.{task}.{layer}' must be a count in [1, {len(kept[layer])}], got {n!r}",
+                )
+    return {task: dict(by_layer) for task, by_layer in value.items()}
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -166,6 +211,7 @@ def build_from_manifest(manifest: Manifest, source: str | Path = "<manifest>") -
             manifest.model_name,
             tasks=manifest.tasks,
             num_experts=manifest.experts_per_block(),
+            task_experts=manifest.task_experts_per_block(),
             **manifest.model_args,
         )
         heads = {

@@ -31,7 +31,8 @@ def plan_cost(source: Source, tasks: list[str], criterion: Criterion):
 
 
 def make_plan(source: Source, tasks: list[str], usage: Usage, criterion: Criterion) -> Plan:
-    return select_experts(usage, tasks, source.top_k(), criterion, plan_cost(source, tasks, criterion))
+    cost = plan_cost(source, tasks, criterion)
+    return select_experts(usage, tasks, source.top_k(), criterion, cost, source.routable())
 
 
 def prune_to(source: Source, tasks: list[str], plan: Plan, **extra) -> tuple[MultiTaskModel, Manifest]:

@@ -19,7 +19,7 @@ from moevit.eval import evaluate
 from moevit.models.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.checkpoint import consolidated_state_dict
-from moevit.prune.extract import mlp_layers
+from moevit.prune.extract import mlp_layers, restricted_tasks
 from moevit.prune.usage import Usage, calibrate_usage, has_counts, usage_from_run
 from moevit.train.loop import resolve_checkpoint
 
@@ -41,6 +41,10 @@ class Source:
 
     def top_k(self) -> dict[str, int]:
         return {name: layer.top_k for name, layer in mlp_layers(self.model.backbone).items()}
+
+    def routable(self) -> dict[str, dict[str, int]]:
+        """layer -> task -> n for the tasks restricted to a layer's first n experts (continual learning)."""
+        return restricted_tasks(self.model.backbone)
 
 
 def load_source(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> Source:

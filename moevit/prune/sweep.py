@@ -105,9 +105,15 @@ def _plot(path: Path, table: list[dict], tasks: list[str], metrics: dict[str, st
             color="tab:orange",
             label="Pareto front",
         )
-        for row, (x, y) in zip(table, points):
+        # Only the front is labelled (alternately above and below): labels of all points overlap where
+        # several criteria land close together; sweep.csv names every point.
+        for n, j in enumerate(front):
             axes.annotate(
-                row["criterion"].split(";")[0], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                table[j]["criterion"].split(";")[0],
+                points[j],
+                fontsize=6,
+                xytext=(3, 4 if n % 2 == 0 else -9),
+                textcoords="offset points",
             )
         axes.set_xlabel("parameters (M)")
         axes.set_ylabel(metrics[task])

@@ -153,34 +153,38 @@ def run_training(
     # Caught from here on (USR2: checkpoint and requeue; SIGTERM: checkpoint and exit), not during set-up:
     # a set-up error then leaves no handler behind in a process that goes on (tests, notebooks).
     preemption = Preemption.install()
-    for step in range(start_step + 1, last + 1):
-        started = time.perf_counter()
-        result = train_step(next(loader), balancer.weights(), step)
-        if not result.skipped:  # a NaN/inf step updated nothing; its losses would poison the balancer
-            balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
-            usage.add(result.expert_counts)
-        skipped = skipped_samples_over_ranks(loader.skipped_counts(), device)
-        logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started, skipped)
-        if is_due(step, cfg.train.eval_every, last):
-            metrics = evaluate_model(engine.module, cfg, env.rank, env.world_size, device)
-            logger.log_eval(step, metrics)
-            report = usage.reduce_and_reset(step, device)
-            if is_main_process():
-                write_usage_report(run.plots, report)
-        stopping = step < last and preemption.agreed(device)  # collective: same answer on every rank
-        if stopping or is_due(step, cfg.train.checkpoint_every, last):
-            client_state = {
-                "step": step,
-                "loader": loader.state_dict(),
-                "rng": capture_rng_state(),
-                "balancer": balancer.state_dict(),
-                "usage": usage.state_dict(),
-                "nonfinite": train_step.state_dict(),
-            }
-            save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
-        if stopping:
-            logger.message(preemption.describe(step))
-            break
+    try:
+        for step in range(start_step + 1, last + 1):
+            started = time.perf_counter()
+            result = train_step(next(loader), balancer.weights(), step)
+            if not result.skipped:  # a NaN/inf step updated nothing; its losses would poison the balancer
+                balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
+                usage.add(result.expert_counts)
+            skipped = skipped_samples_over_ranks(loader.skipped_counts(), device)
+            logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started, skipped)
+            if is_due(step, cfg.train.eval_every, last):
+                metrics = evaluate_model(engine.module, cfg, env.rank, env.world_size, device)
+                logger.log_eval(step, metrics)
+                report = usage.reduce_and_reset(step, device)
+                if is_main_process():
+                    write_usage_report(run.plots, report)
+            stopping = step < last and preemption.agreed(device)  # collective: same answer on every rank
+            if stopping or is_due(step, cfg.train.checkpoint_every, last):
+                client_state = {
+                    "step": step,
+                    "loader": loader.state_dict(),
+                    "rng": capture_rng_state(),
+                    "balancer": balancer.state_dict(),
+                    "usage": usage.state_dict(),
+                    "nonfinite": train_step.state_dict(),
+                }
+                save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
+            if stopping:
+                logger.message(preemption.describe(step))
+                break
+    except BaseException:  # an error in the loop: no requeue, and no handler left behind
+        preemption.restore()
+        raise
     peak_memory = peak_memory_over_ranks(device)
     if is_main_process():
         write_text_atomically(run.root / RESOURCES_FILE, json.dumps(peak_memory) + "\n")

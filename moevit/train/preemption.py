@@ -108,5 +108,9 @@ class Preemption:
                     raise
             signal.signal(TERMINATE_SIGNAL, signal.SIG_IGN)
             return
+        self.restore()
+
+    def restore(self) -> None:
+        """Puts the handlers back that were installed before; no requeue (also after an error in the loop)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

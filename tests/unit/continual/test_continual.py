@@ -26,6 +26,9 @@ from moevit.layers.router import TaskRouter
 from moevit.models.factory import build_model
 from moevit.parallel.engine import optimizer_param_groups
 from moevit.parallel.expert_parallel import apply_expert_parallel
+from moevit.prune.criteria import Criterion, select_experts
+from moevit.prune.extract import extract, mlp_layers, restricted_tasks, write_pruned
+from moevit.prune.manifest import load_pruned
 
 SIZE = 32
 
@@ -94,8 +97,13 @@ def test_restricted_router_is_bit_identical_and_never_reaches_new_experts():
     large.force_balanced = True
     assert int(large(x, "a").expert_idx_TK.max()) == 3
     assert int(large(x, "b").expert_idx_TK.max()) == 6
-    with pytest.raises(ValueError, match="task_experts"):
-        TaskRouter(16, 4, 2, ["a"], task_experts={"a": 1})
+    # Fewer routable experts than top_k (a pruned model can leave a task that): it routes to all of them.
+    one = TaskRouter(16, 4, 2, ["a"], task_experts={"a": 1})(x, "a")
+    assert one.expert_idx_TK.shape == (50, 1) and not one.expert_idx_TK.any()
+    assert torch.equal(one.weights_TK, torch.ones(50, 1))
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="task_experts"):
+            TaskRouter(16, 4, 2, ["a"], task_experts={"a": bad})
     with pytest.raises(ValueError, match="not tasks"):
         TaskRouter(16, 4, 2, ["a"], task_experts={"z": 2})
 
@@ -212,3 +220,47 @@ def test_start_continual_loads_the_expansion_and_refuses_a_mismatched_one(source
     missing = dataclasses.replace(cfg, continual=dataclasses.replace(spec, init=str(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="holds no model.pt"):
         start_continual(build_model(missing), missing)
+
+
+def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_path):
+    """Pruning composes with expansion: the old task reaches only its own experts in the pruned model too."""
+    new_cfg, expanded, _ = expand(source)  # 4 old + 2 new experts per layer
+    expanded = expanded.eval()
+    state = expanded.state_dict()
+    layers = mlp_layers(expanded.backbone)
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+
+    def outputs(model, task):
+        with torch.no_grad():
+            return model.predict(task, {"images": x})
+
+    keep_all = {name: list(range(layer.num_experts)) for name, layer in layers.items()}
+    pruned, manifest = extract(state, new_cfg, expanded.backbone, ["cls", "new"], keep_all)
+    assert manifest.task_experts == {"cls": {name: 4 for name in layers}}
+    for task in ("cls", "new"):
+        assert torch.equal(outputs(pruned, task), outputs(expanded, task))
+    write_pruned(tmp_path, pruned, manifest, new_cfg, {})
+    loaded, again = load_pruned(tmp_path)
+    assert again.task_experts == manifest.task_experts
+    assert torch.equal(outputs(loaded, "cls"), outputs(expanded, "cls"))
+
+    # A plan keeping old expert 1 and new expert 5: cls reaches one expert there (top-1 over it).
+    plan = {name: [1, 5] for name in layers}
+    pruned, manifest = extract(state, new_cfg, expanded.backbone, ["cls", "new"], plan)
+    assert manifest.task_experts == {"cls": {name: 1 for name in layers}}
+    first = next(iter(mlp_layers(pruned.backbone).values()))
+    assert first.router.routable_experts("cls") == 1 and first.router.routable_experts("new") == 2
+    outputs(pruned, "cls"), outputs(pruned, "new")
+
+    # Criteria judge the old task on the experts it can reach: "keep all" of cls is its 4 old experts.
+    usage = {name: {"cls": [5, 1, 1, 1, 0, 0], "new": [0, 0, 0, 0, 3, 4]} for name in layers}
+    routable = restricted_tasks(expanded.backbone)
+    top_k = {name: 2 for name in layers}
+    assert select_experts(usage, ["cls"], top_k, Criterion("all"), routable=routable) == {
+        name: [0, 1, 2, 3] for name in layers
+    }
+    assert select_experts(usage, ["cls", "new"], top_k, Criterion("top", 1), routable=routable) == {
+        name: [0, 5] for name in layers
+    }
+    with pytest.raises(ValueError, match="no expert it can route to"):
+        extract(state, new_cfg, expanded.backbone, ["cls", "new"], {name: [4, 5] for name in layers})

@@ -154,6 +154,8 @@ def test_manifest_round_trip_and_standalone_load(tmp_path):
         (lambda d: d["kept_experts"].update({"blocks.9.mlp": [0]}), "cannot be built"),
         (lambda d: d["kept_experts"].update({"layer1": [0]}), "not 'blocks.<i>.mlp'"),
         (lambda d: d.update(tasks=["cls", "nope"]), "'heads' must describe exactly the tasks"),
+        (lambda d: d.update(task_experts={"cls": {"blocks.1.mlp": 9}}), "'task_experts.cls.blocks.1.mlp'"),
+        (lambda d: d.update(task_experts={"zz": {}}), "'task_experts' names 'zz'"),
     ],
 )
 def test_bad_manifest_gives_a_clear_error(tmp_path, change, message):
