@@ -3,7 +3,7 @@ expand by a third task and 2 experts per layer, train only the new task (2 proce
 check that nothing the old tasks use moved: their eval metrics (during the new task's training and from
 `moevit eval`), their outputs on a fixed batch and every old tensor are bit-identical, while the new
 task's parameters changed; finally prune tasks out of the expanded run (composition with issue 6).
-About 3 minutes on 2 shared CPU cores (three 2-process launches, one expand, two prunes)."""
+About 3 minutes on 2 shared CPU cores (three 2-process launches, one expand, three prunes)."""
 
 from __future__ import annotations
 
@@ -87,10 +87,22 @@ def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path):
     base, expanded, continual = tmp_path / "base", tmp_path / "expanded", tmp_path / "continual"
     moevit("train", str(tmp_path / "base.yaml"), "--nproc", "2")
     expand = [
-        "expand", "--checkpoint", str(base), "--new-task", "downstream", "--head", "classification",
-        "--num-classes", "10", "--data-root", str(tmp_path / "synth" / "downstream"), "--image-size", "32",
-        "--batch-size", "8",
-    ]  # fmt: skip
+        "expand",
+        "--checkpoint",
+        str(base),
+        "--new-task",
+        "downstream",
+        "--head",
+        "classification",
+        "--num-classes",
+        "10",
+        "--data-root",
+        str(tmp_path / "synth" / "downstream"),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+    ]
     # 4 + 1 experts cannot be split over ep_size 2: refused before anything is written
     bad = moevit(*expand, "--new-experts", "1", "--out", str(tmp_path / "bad"), ok=False)
     assert bad.returncode == 2 and "not divisible by parallel.ep_size=2" in bad.stderr
@@ -184,3 +196,23 @@ def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path):
     )
     pruned_old, manifest_old = load_pruned(tmp_path / "p_old")
     assert all(max(ids) < 4 for ids in manifest_old.kept_experts.values())  # never a new expert
+
+    # old and new task in one pruned model: the old task still reaches only its own 4 experts per layer,
+    # so keeping everything leaves both tasks' outputs bit-identical to the expanded run's
+    moevit(
+        "prune",
+        "--checkpoint",
+        str(continual),
+        "--task",
+        "imagenet,downstream",
+        "--out",
+        str(tmp_path / "p_both"),
+        "--keep-all",
+        *calib,
+    )
+    pruned_both, manifest_both = load_pruned(tmp_path / "p_both")
+    assert manifest_both.task_experts == {"imagenet": {layer: 4 for layer in manifest_both.kept_experts}}
+    with torch.no_grad():
+        for task in ("imagenet", "downstream"):
+            a, b = new_model.predict(task, {"images": images}), pruned_both.predict(task, {"images": images})
+            assert torch.equal(a, b), task

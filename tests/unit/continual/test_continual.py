@@ -264,3 +264,24 @@ def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_pat
     }
     with pytest.raises(ValueError, match="no expert it can route to"):
         extract(state, new_cfg, expanded.backbone, ["cls", "new"], {name: [4, 5] for name in layers})
+
+
+def test_train_shared_also_trains_the_shared_weights_and_nothing_old(source):
+    """continual.train_shared: the shared weights train too (the old tasks' outputs may then change, by
+    choice); old experts, old gates, old heads and old task embeddings stay frozen either way."""
+    _, expanded, _ = expand(source)
+    counts = {}
+    for shared in (False, True):
+        counts[shared] = freeze_for_continual(expanded, ["new"], frozen_experts=4, train_shared=shared)
+        for name, param in expanded.named_parameters():
+            task = task_of_parameter(name)
+            if task is not None:
+                assert param.requires_grad == (task == "new"), name
+            elif ".experts." not in name:
+                assert param.requires_grad == shared, name
+    shared_params = sum(
+        p.numel()
+        for n, p in expanded.named_parameters()
+        if task_of_parameter(n) is None and ".experts." not in n
+    )
+    assert counts[True]["trainable"] - counts[False]["trainable"] == shared_params > 0
