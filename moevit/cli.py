@@ -35,8 +35,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name, task in cfg.tasks.items()
         if task.data is not None
     ]
-    run_dir = f"output_dir=runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    return main(["train", args.config, *args.overrides, *roots, run_dir, "--nproc", str(args.nproc)])
+    run_dir = Path(f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    code = main(
+        ["train", args.config, *args.overrides, *roots, f"output_dir={run_dir}", "--nproc", str(args.nproc)]
+    )
+    if code == 0:
+        point_latest_demo_at(run_dir)
+    return code
+
+
+def point_latest_demo_at(run_dir: Path, link: Path = Path("runs/demo")) -> None:
+    """`runs/demo` -> the newest demo run, so that the README's commands (`--checkpoint runs/demo`) work
+    as written. Replaced atomically; a real directory of that name is left alone."""
+    if link.exists() and not link.is_symlink():
+        print(
+            f"{link} is a directory, not a link: left as it is (the demo run is {run_dir})", file=sys.stderr
+        )
+        return
+    staging = link.with_name(f".{link.name}.{run_dir.name}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(run_dir.name)
+    staging.replace(link)
+    print(f"{link} -> {run_dir}")
 
 
 def cmd_flops(args: argparse.Namespace) -> int:

@@ -9,19 +9,38 @@ process groups.
 - checkpoint: engine checkpoints plus per-rank JSON client state, committed atomically.
 """
 
-from moevit.parallel.checkpoint import (
-    capture_rng_state,
-    consolidated_state_dict,
-    find_latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from moevit.parallel.collectives import all_gather_objects, all_reduce_sum, barrier, is_main_process
-from moevit.parallel.engine import build_engine
-from moevit.parallel.env import DistributedEnv, detect_environment
-from moevit.parallel.expert_parallel import apply_expert_parallel, gather_single_device_state_dict
-from moevit.parallel.setup import check_layout, device_for, initialize_distributed, resolve_precision
+from importlib import import_module
+
+# Names re-exported lazily (PEP 562): importing a submodule without DeepSpeed in it (env, ckpt_cli, which
+# the CLI's argument parser needs) must not import deepspeed, which is slow and prints to stdout.
+_EXPORTS = {
+    "capture_rng_state": "checkpoint",
+    "consolidated_state_dict": "checkpoint",
+    "find_latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "restore_rng_state": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "all_gather_objects": "collectives",
+    "all_reduce_sum": "collectives",
+    "barrier": "collectives",
+    "is_main_process": "collectives",
+    "build_engine": "engine",
+    "DistributedEnv": "env",
+    "detect_environment": "env",
+    "apply_expert_parallel": "expert_parallel",
+    "gather_single_device_state_dict": "expert_parallel",
+    "check_layout": "setup",
+    "device_for": "setup",
+    "initialize_distributed": "setup",
+    "resolve_precision": "setup",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "DistributedEnv",

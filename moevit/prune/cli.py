@@ -41,9 +41,11 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     crit.add_argument("--sweep", action="store_true", help="many criteria: sweep.csv and sweep.png in --out")
     parser.add_argument(
         "--usage",
-        default="auto",
-        choices=["auto", "counters", "calib"],
-        help="usage source; auto: training counters if present, else calibration",
+        default="calib",
+        choices=["calib", "counters", "auto"],
+        help="usage source: a calibration pass of the final model (default), the training counters (the "
+        "last window between evaluations: may include routing from before the tasks specialised), or "
+        "auto: counters if present, else calibration",
     )
     parser.add_argument(
         "--calib-batches", type=int, default=20, help="batches per task of the calibration pass"

@@ -67,7 +67,7 @@ def load_source(checkpoint: str, config: str | None = None, overrides: list[str]
 
 
 def gather_usage(
-    source: Source, tasks: list[str], mode: str = "auto", calib_batches: int = 20, calib_split: str = "train"
+    source: Source, tasks: list[str], mode: str = "calib", calib_batches: int = 20, calib_split: str = "train"
 ) -> tuple[Usage, str]:
     """(usage, where it came from). mode: "counters", "calib", or "auto" (counters when every task has
     some in every layer, else a calibration pass)."""

@@ -28,3 +28,17 @@ def test_demo_refuses_a_bad_config_before_writing_data(tmp_path, capsys):
     assert main(["demo", "--data", str(data), "model.moe.topk=1"]) == 2
     assert "unknown key 'model.moe.topk' (did you mean 'top_k'?)" in capsys.readouterr().err
     assert not data.exists()
+
+
+def test_runs_demo_points_at_the_newest_demo_run(tmp_path):
+    from moevit.cli import point_latest_demo_at
+
+    link = tmp_path / "demo"
+    for name in ("demo-1", "demo-2"):
+        (tmp_path / name).mkdir()
+        point_latest_demo_at(tmp_path / name, link)
+        assert link.is_symlink() and link.resolve() == (tmp_path / name).resolve()
+    link.unlink()
+    link.mkdir()  # a real directory of that name is not replaced
+    point_latest_demo_at(tmp_path / "demo-2", link)
+    assert link.is_dir() and not link.is_symlink()
