@@ -72,8 +72,15 @@ def pruned_task_experts(
     for layer, by_task in restricted_tasks(backbone).items():
         kept = plan[layer]
         for task, n in by_task.items():
+            if task not in tasks:
+                continue
             reach = sum(1 for i in kept if i < n)
-            if task in tasks and 1 < len(kept) and reach < len(kept):
+            if reach == 0:
+                raise ValueError(
+                    f"the plan leaves task {task!r} no expert it can route to in {layer} (it reaches only "
+                    f"the experts it was trained with, 0..{n - 1}); keep at least one of them"
+                )
+            if 1 < len(kept) and reach < len(kept):  # a one-expert layer is a plain MLP: no routing
                 out.setdefault(task, {})[layer] = reach
     return out
 
@@ -109,13 +116,6 @@ def make_manifest(
     }
     kept = {name: [int(i) for i in ids] for name, ids in plan.items()}
     task_experts = pruned_task_experts(backbone, tasks, plan)
-    for task, by_layer in task_experts.items():
-        empty = [layer for layer, n in by_layer.items() if n == 0]
-        if empty:
-            raise ValueError(
-                f"the plan leaves task {task!r} no expert it can route to in {empty} (it reaches only the "
-                "experts it was trained with); keep at least one of them"
-            )
     return Manifest(list(tasks), cfg.model.name, args, kept, heads, dict(extra), task_experts)
 
 

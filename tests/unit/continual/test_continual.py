@@ -262,8 +262,9 @@ def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_pat
     assert select_experts(usage, ["cls", "new"], top_k, Criterion("top", 1), routable=routable) == {
         name: [0, 5] for name in layers
     }
-    with pytest.raises(ValueError, match="no expert it can route to"):
-        extract(state, new_cfg, expanded.backbone, ["cls", "new"], {name: [4, 5] for name in layers})
+    for only_new in ([4, 5], [5]):  # also a layer left with one (new) expert: a plain MLP cls never trained
+        with pytest.raises(ValueError, match="no expert it can route to"):
+            extract(state, new_cfg, expanded.backbone, ["cls", "new"], {name: only_new for name in layers})
 
 
 def test_train_shared_also_trains_the_shared_weights_and_nothing_old(source):
