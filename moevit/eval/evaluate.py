@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from moevit.config.schema import Config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task, move_batch
+from moevit.data.workers import ignore_stop_signals
 from moevit.eval.classification import ClassificationMetric
 from moevit.eval.coco import CocoMetric
 from moevit.eval.distributed import DedupedMetric, padded_rank_indices, rank_batches
@@ -84,6 +85,7 @@ def _run_task(
         batch_sampler=rank_batches(indices, task_cfg.data.batch_size, max_batches),
         collate_fn=collate_for_task(task_cfg.type),
         num_workers=cfg.train.num_workers,
+        worker_init_fn=ignore_stop_signals,  # a SIGTERM during evaluation is the main process's to handle
         # Its own generator: otherwise the loader draws worker seeds from the global torch RNG,
         # and training randomness would depend on how often the run evaluates.
         generator=torch.Generator().manual_seed(0),

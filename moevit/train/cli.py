@@ -93,6 +93,7 @@ def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from moevit.config import load_config
     from moevit.parallel.collectives import is_main_process
+    from moevit.parallel.setup import shutdown_distributed
     from moevit.train.loop import run_training
     from moevit.train.preflight import build_checked_model
     from moevit.train.run_dir import check_output_dir
@@ -107,12 +108,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"run dir: {cfg.output_dir}")
         print(format_metrics(metrics))
+    shutdown_distributed()
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from moevit.config import load_config
     from moevit.parallel.collectives import is_main_process
+    from moevit.parallel.setup import shutdown_distributed
     from moevit.train.loop import resolve_checkpoint, run_evaluation
     from moevit.train.preflight import build_checked_model
 
@@ -132,4 +135,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+    shutdown_distributed()
     return 0

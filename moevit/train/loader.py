@@ -7,6 +7,7 @@ from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.data.multitask import MultiTaskLoader
 from moevit.data.schedule import TaskSchedule
+from moevit.data.workers import ignore_stop_signals
 
 
 def build_schedule(cfg: Config, dataset_sizes: dict[str, int]) -> TaskSchedule:
@@ -43,4 +44,5 @@ def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoad
         world_size=world_size,
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
+        worker_init_fn=ignore_stop_signals,  # the main process checkpoints on SIGTERM/USR2
     )
