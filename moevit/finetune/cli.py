@@ -66,7 +66,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     apply_expert_parallel(model, 1)
     counts = freeze(model, args.mode)
     metrics = run_training(cfg, source=args.config, model=model)
-    if task not in metrics:  # stopped by a signal (moevit.train.preemption) before the final evaluation
+    if not metrics:  # a signal stopped training before the last step (moevit.train.preemption)
         print(
             f"moevit finetune: stopped before the last step; no model/ or finetune.json written in "
             f"{cfg.output_dir} (fine-tuning does not resume: run it again)",

@@ -107,7 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = run_training(cfg, args.resume, source=args.config)
     if is_main_process():
         print(f"run dir: {cfg.output_dir}")
-        print(format_metrics(metrics))
+        if metrics:
+            print(format_metrics(metrics))
+        else:
+            print("stopped before the last step: the checkpoint is saved, continue with --resume auto")
     shutdown_distributed()
     return 0
 

@@ -94,7 +94,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, rank: int, world_size: i
 def run_training(
     cfg: Config, resume: str | None = None, source: str = "config", model: torch.nn.Module | None = None
 ) -> dict[str, dict[str, float]]:
-    """Trains `cfg` on the processes of this launch; returns the last evaluation's {task: {metric: value}}.
+    """Trains `cfg` on the processes of this launch; returns the final evaluation's {task: {metric: value}},
+    empty when a signal stopped the run before its last step (moevit.train.preemption).
 
     Args:
         cfg: the loaded config.
@@ -181,6 +182,7 @@ def run_training(
                 save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
             if stopping:
                 logger.message(preemption.describe(step))
+                metrics = {}  # an earlier evaluation is not the result of the run
                 break
     except BaseException:  # an error in the loop: no requeue, and no handler left behind
         preemption.restore()
