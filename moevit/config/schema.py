@@ -117,11 +117,18 @@ class AuxLossConfig:
     load_balance: float = 0.01  # Switch Transformer's alpha
     z_loss: float = 0.001  # ST-MoE's router z-loss coefficient
     mutual_information: float = 0.01  # Mod-Squad's MI loss; 0 turns task specialisation pressure off
+    # Tasks a step does not train enter the MI loss through a running estimate of their task-expert
+    # rows (moevit.train.task_expert_estimate); this is the weight of the old row at each update of a
+    # task's row. One update already sums a whole global batch of tokens, so a short memory suffices,
+    # and a long one would hold routing from before the latest updates.
+    mutual_information_decay: float = 0.5
 
     def validate(self) -> None:
         for f in fields(self):
             if getattr(self, f.name) < 0:
                 raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.mutual_information_decay >= 1:
+            raise ValueError(f"mutual_information_decay must be < 1, got {self.mutual_information_decay}")
 
 
 @dataclass

@@ -146,6 +146,8 @@ def run_training(
     )
     if checkpoint is not None and "nonfinite" in state:
         train_step.load_state_dict(state["nonfinite"])
+    if checkpoint is not None and "task_expert_mass" in state:  # absent from checkpoints before it existed
+        train_step.task_expert_mass.load_state_dict(state["task_expert_mass"])
     last = cfg.train.steps
     logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
     if checkpoint is not None:
@@ -178,6 +180,7 @@ def run_training(
                     "balancer": balancer.state_dict(),
                     "usage": usage.state_dict(),
                     "nonfinite": train_step.state_dict(),
+                    "task_expert_mass": train_step.task_expert_mass.state_dict(),
                 }
                 save_checkpoint(engine, run.root, step, client_state, cfg.train.keep_last)
             if stopping:

@@ -14,6 +14,10 @@ averages gradients over the world size W, so each rank's MI term is scaled by W:
 gradient of ``a_mi * MI(A_global)`` a single process would take on the global batch. The task marginal
 is the schedule's real sampling ratio (``task_prior``), not this batch's token counts.
 
+MI across steps: a step that trains only some tasks (per-dataset sampling) fills the other tasks' rows
+of A from a running estimate, detached (moevit.train.task_expert_estimate); the trained tasks' routers
+get the gradient of the full I(T; E). A step that trains every task uses its own rows only.
+
 Every rank runs the same plan (same tasks, same order), so the all-to-alls inside MoE layers and the
 two all-reduces here pair up on every rank.
 
@@ -39,6 +43,7 @@ from moevit.layers import load_balance_loss, mean_mutual_information_loss, route
 from moevit.layers.router import Routing
 from moevit.parallel.collectives import all_reduce_sum, rank
 from moevit.train.errors import NonFiniteLossError
+from moevit.train.task_expert_estimate import RunningTaskExpertMass
 
 
 @dataclass
@@ -94,6 +99,7 @@ class MultiTaskStep:
         self.max_bad_steps = max_bad_steps
         self.skipped_steps = 0
         self.consecutive_skipped = 0
+        self.task_expert_mass = RunningTaskExpertMass(self.tasks, aux_loss.mutual_information_decay)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "consecutive_skipped": self.consecutive_skipped}
@@ -117,7 +123,7 @@ class MultiTaskStep:
             )
             task_total = task_total + objective
             routing_by_task[task] = output.routing
-        mutual_information = self.mutual_information(routing_by_task)
+        mutual_information, step_matrices = self.mutual_information(routing_by_task)
         total = task_total
         if mutual_information is not None:
             total = total + self.aux_loss.mutual_information * self.world_size * mutual_information
@@ -131,6 +137,8 @@ class MultiTaskStep:
             self.consecutive_skipped = 0
             self.engine.backward(total)
             self.engine.step()
+            if step_matrices is not None:  # a skipped step's statistics may hold the NaN: not kept
+                self.task_expert_mass.update(step_matrices, plan.tasks)
         result.skipped_steps = self.skipped_steps
         for task in plan.tasks:
             result.task_losses[task]["weight"] = weights[task]
@@ -164,17 +172,23 @@ class MultiTaskStep:
             objective = objective + self.aux_loss.z_loss * parts["z_loss"]
         return objective, parts
 
-    def mutual_information(self, routing_by_task: dict[str, dict[str, Routing]]) -> torch.Tensor | None:
-        """MI of the all-rank task-expert statistics, averaged over MoE layers."""
+    def mutual_information(
+        self, routing_by_task: dict[str, dict[str, Routing]]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        """MI of the all-rank task-expert statistics, averaged over MoE layers, with the rows of tasks
+        this step did not train taken from the running estimate; and this step's all-rank matrices
+        (detached), which update that estimate once the step is known to be finite."""
         if self.aux_loss.mutual_information == 0 or not any(routing_by_task.values()):
-            return None
+            return None, None
         matrices = task_expert_matrices(
             {task: list(routing.values()) for task, routing in routing_by_task.items()}, self.tasks
         )
         # One collective for all layers: flatten, reduce, split back.
         flat = globally_summed(torch.cat([m.flatten() for m in matrices]))
         matrices = [chunk.view_as(m) for chunk, m in zip(flat.split([m.numel() for m in matrices]), matrices)]
-        return mean_mutual_information_loss(matrices, self.task_prior_T.to(flat.device))
+        completed = self.task_expert_mass.complete(matrices, routing_by_task.keys())
+        loss = mean_mutual_information_loss(completed, self.task_prior_T.to(flat.device))
+        return loss, [m.detach() for m in matrices]
 
     def reduce_over_ranks(
         self,

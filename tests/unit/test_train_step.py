@@ -127,11 +127,55 @@ def test_expert_counts_cover_every_routed_slot():
 
 
 def test_one_task_step_has_no_mutual_information_to_gain():
-    # MI needs two tasks' rows; a step that trains one task leaves the other's row empty.
+    # MI needs two tasks' rows; the first step trains one task and no other task has a row yet.
     engine = LocalEngine(make_model())
     result = make_step(engine)(make_plan(tasks=("textures",)), {"shapes": 1.0, "textures": 1.0})
     assert list(result.task_losses) == ["textures"]
     assert result.mutual_information == pytest.approx(0.0, abs=1e-6)
+
+
+class GradientEngine(LocalEngine):
+    """Keeps the gradients of each backward and never updates, so a reference can recompute them."""
+
+    def backward(self, loss):
+        super().backward(loss)
+        self.gradients = {n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def step(self):
+        self.optimizer.zero_grad()
+
+
+def test_one_task_step_gets_the_full_mi_gradient_from_the_other_tasks_earlier_rows():
+    # Round-robin: step 1 trains shapes, step 2 textures. Step 2's MI takes shapes' row from step 1,
+    # detached, so textures' routers get the gradient of MI over the full task-expert matrix.
+    aux = AuxLossConfig(load_balance=0.0, z_loss=0.0, mutual_information=0.1)
+    prior = {"shapes": 0.5, "textures": 0.5}
+    weights = {"shapes": 1.0, "textures": 1.0}
+    model = make_model()
+    for _, router in model.backbone.routers():  # zero gates route uniformly: MI is stationary there
+        for gate in router.gates.values():
+            torch.nn.init.normal_(gate.weight, std=0.5, generator=torch.Generator().manual_seed(4))
+    engine = GradientEngine(copy.deepcopy(model))
+    step = make_step(engine, aux, prior)
+    step(make_plan(tasks=("shapes",)), weights)
+    shapes_rows = [rows_TE[0] for rows_TE in step.task_expert_mass.rows_LTE]
+    textures_plan = make_plan(tasks=("textures",), seed=2)
+    result = step(textures_plan, weights)
+    assert result.mutual_information < -1e-4  # I(T; E) > 0 from the second step on
+
+    (task, batch), = textures_plan
+    out = model(task, batch)
+    step_rows = task_expert_matrices({task: list(out.routing.values())}, list(NUM_CLASSES))
+    full = [torch.stack([shapes_row, rows_TE[1]]) for shapes_row, rows_TE in zip(shapes_rows, step_rows)]
+    mutual_information = mean_mutual_information_loss(full, torch.tensor([0.5, 0.5]))
+    assert result.mutual_information == pytest.approx(mutual_information.item(), rel=1e-5)
+    (out.losses["loss"] + aux.mutual_information * mutual_information).backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert expected.keys() == engine.gradients.keys()
+    textures_gates = [n for n in expected if ".router.gates.textures." in n]
+    assert textures_gates
+    for name, gradient in expected.items():
+        torch.testing.assert_close(engine.gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_mutual_information_off_is_not_computed():
