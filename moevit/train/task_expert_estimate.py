@@ -84,6 +84,8 @@ class RunningTaskExpertMass:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["tasks"]) != self.tasks:
-            raise ValueError(f"the saved estimate covers tasks {state['tasks']}, this run trains {self.tasks}")
+            raise ValueError(
+                f"the saved estimate covers tasks {state['tasks']}, this run trains {self.tasks}"
+            )
         self.seen_T = torch.tensor(state["seen"], dtype=torch.bool)
         self.rows_LTE = [torch.tensor(rows, dtype=torch.float32) for rows in state["rows"]]

@@ -79,12 +79,18 @@ def records(run_dir) -> list[dict]:
 @pytest.mark.parametrize("sampling", ["all", "round_robin"])
 def test_two_halves_with_resume_equal_one_straight_run(tmp_path, data_root, run_workers, sampling):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    for run_dir, steps, resume in ((straight, 2 * HALF, None), (halves, HALF, None), (halves, 2 * HALF, "auto")):
+    for run_dir, steps, resume in (
+        (straight, 2 * HALF, None),
+        (halves, HALF, None),
+        (halves, 2 * HALF, "auto"),
+    ):
         config = make_config(data_root, run_dir, steps, sampling)
         run_workers(train_worker, 2, 150, config=config, resume=resume)
 
     expected, got = records(straight), records(halves)
-    mutual_information = [r["mutual_information"] for r in got if r["split"] == "train" and r.get("task") is None]
+    mutual_information = [
+        r["mutual_information"] for r in got if r["split"] == "train" and r.get("task") is None
+    ]
     # Zero-initialised gates route uniformly (I(T; E) = 0) until a task's router has trained once.
     assert len(mutual_information) == 2 * HALF and all(mi < 0 for mi in mutual_information[2:])
     assert [r["step"] for r in got if r["split"] == "train"][-1] == 2 * HALF

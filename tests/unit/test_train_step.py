@@ -163,7 +163,7 @@ def test_one_task_step_gets_the_full_mi_gradient_from_the_other_tasks_earlier_ro
     result = step(textures_plan, weights)
     assert result.mutual_information < -1e-4  # I(T; E) > 0 from the second step on
 
-    (task, batch), = textures_plan
+    ((task, batch),) = textures_plan
     out = model(task, batch)
     step_rows = task_expert_matrices({task: list(out.routing.values())}, list(NUM_CLASSES))
     full = [torch.stack([shapes_row, rows_TE[1]]) for shapes_row, rows_TE in zip(shapes_rows, step_rows)]
