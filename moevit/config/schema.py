@@ -278,9 +278,29 @@ class Config:
             self, tasks={t: self.tasks[t] for t in tasks}, train=replace(self.train, sampling=sampling)
         )
 
+    def train_tasks(self) -> list[str]:
+        """The tasks that train, in config order: a continual run's `continual.train_tasks`, else all."""
+        if self.continual is None or self.continual.train_tasks is None:
+            return list(self.tasks)
+        return [task for task in self.tasks if task in self.continual.train_tasks]
+
+    def training_view(self) -> Config:
+        """This config with only the tasks that train: what the loader, loss balancer and step see
+        (evaluation keeps every task, so a continual run still measures the old ones)."""
+        tasks = self.train_tasks()
+        return self if tasks == list(self.tasks) else self.only_tasks(tasks)
+
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: at least one task is required")
+        if self.continual is not None:
+            for key, names in (
+                ("train_tasks", self.continual.train_tasks or []),
+                ("task_experts", list(self.continual.task_experts)),
+            ):
+                unknown = sorted(set(names) - set(self.tasks))
+                if unknown:
+                    raise ValueError(f"'continual.{key}' names {unknown}; the tasks are {list(self.tasks)}")
         ratios = self.train.sampling.ratios
         if ratios is not None and set(ratios) != set(self.tasks):
             raise ValueError(f"train.sampling.ratios names {sorted(ratios)}, tasks are {sorted(self.tasks)}")

@@ -37,7 +37,7 @@ from moevit.config.schema import (
     TaskConfig,
     TaskSamplingConfig,
 )
-from moevit.models.factory import build_model
+from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.prune.extract import mlp_layers
 

@@ -1,12 +1,12 @@
 """How `moevit train` runs a continual config (one with a `continual:` section, written by `moevit expand`).
 
-- `check_continual`: the section fits the config (its tasks exist, the init dir holds the expanded
-  weights and agrees with the section), before the process group starts (preflight checks the task
-  names only: evaluating or pruning a finished run needs no init dir);
+- `check_continual`: the init dir holds the expanded weights and agrees with the section, before the
+  process group starts (the config itself checks the section's task names: evaluating or pruning a
+  finished run needs no init dir);
 - `start_continual`: the config's model takes the expanded weights (a strict, key-by-key load) and is
-  frozen (freeze.py) before the engine shards its experts and builds the optimizer;
-- `training_tasks_config`: the config the loader, loss balancer and step see: only the tasks that
-  train. Evaluation keeps the whole config, so the old tasks are still measured.
+  frozen (freeze.py); `moevit train` hands it to the training loop as a prebuilt model, before the
+  engine shards its experts and builds the optimizer. Only `Config.train_tasks()` train; evaluation
+  keeps every task, so the old tasks are still measured.
 """
 
 from __future__ import annotations
@@ -22,30 +22,11 @@ from moevit.continual.freeze import freeze_for_continual
 from moevit.continual.manifest import WEIGHTS_FILE, read_expand_manifest
 
 
-def train_tasks_of(cfg: Config) -> list[str]:
-    """The tasks that train, in config order."""
-    if cfg.continual is None or cfg.continual.train_tasks is None:
-        return list(cfg.tasks)
-    return [task for task in cfg.tasks if task in cfg.continual.train_tasks]
-
-
-def check_continual_tasks(cfg: Config, source: str = "config") -> None:
-    """Raises ConfigError unless the `continual` section names only tasks of the config."""
-    spec = cfg.continual
-    if spec is None:
-        return
-    for key, names in (("train_tasks", spec.train_tasks or []), ("task_experts", list(spec.task_experts))):
-        unknown = sorted(set(names) - set(cfg.tasks))
-        if unknown:
-            raise ConfigError(source, f"'continual.{key}' names {unknown}; the tasks are {list(cfg.tasks)}")
-
-
 def check_continual(cfg: Config, source: str = "config") -> None:
     """Raises ConfigError unless the `continual` section can start a training run (reads the manifest only)."""
     spec = cfg.continual
     if spec is None:
         return
-    check_continual_tasks(cfg, source)
     if spec.init is None:
         raise ConfigError(source, "'continual.init': name the `moevit expand --out` directory to start from")
     init = Path(spec.init)
@@ -72,12 +53,4 @@ def start_continual(model: nn.Module, cfg: Config, source: str = "config") -> di
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ConfigError(str(weights), f"the weights do not fit the config's model: {err}") from None
-    return freeze_for_continual(model, train_tasks_of(cfg), spec.frozen_experts, spec.train_shared)
-
-
-def training_tasks_config(cfg: Config) -> Config:
-    """`cfg` with only the tasks that train (what the loader, balancer and step use)."""
-    tasks = train_tasks_of(cfg)
-    if tasks == list(cfg.tasks):
-        return cfg
-    return cfg.only_tasks(tasks)
+    return freeze_for_continual(model, cfg.train_tasks(), spec.frozen_experts, spec.train_shared)

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from moevit.config.labels import IGNORE_INDEX
 from moevit.data.errors import CorruptSampleError
 
-IGNORE_INDEX = 255
 ADE20K_NUM_CLASSES = 150
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike

@@ -31,7 +31,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from moevit.data.decode import IGNORE_INDEX
+from moevit.config.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moevit.data.decode import IGNORE_INDEX
+from moevit.config.labels import IGNORE_INDEX
 from moevit.eval.distributed import DedupedMetric, sample_ids
 
 

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import torch
 
-from moevit.parallel.checkpoint import consolidated_state_dict, find_latest_checkpoint
-from moevit.prune.manifest import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
+from moevit.artifacts.checkpoints import resolve_checkpoint
+from moevit.artifacts.model_dir import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
+from moevit.parallel.checkpoint import consolidated_state_dict
 
 
 def export_finetuned(run_dir: Path, manifest: Manifest) -> Path:
-    tag = find_latest_checkpoint(run_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{run_dir} holds no complete checkpoint to export")
+    checkpoint = resolve_checkpoint(run_dir, "fine-tuned run")
     model = build_from_manifest(manifest)
-    model.load_state_dict(consolidated_state_dict(run_dir / "checkpoints" / tag))
+    model.load_state_dict(consolidated_state_dict(checkpoint.directory))
     out = run_dir / "model"
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / WEIGHTS_FILE)

@@ -16,12 +16,12 @@ import re
 
 import torch
 
+from moevit.artifacts.model_dir import Manifest, is_pruned_dir, load_pruned
 from moevit.config.schema import Config
 from moevit.heads import build_head
 from moevit.models.moe_vit import MoEViT
 from moevit.models.multitask import MultiTaskModel
 from moevit.models.registry import create_model
-from moevit.prune.manifest import Manifest, is_pruned_dir, load_pruned
 
 MODES = ("head", "router+head", "full")
 _ROUTER_OR_EMBEDDING = re.compile(r"^backbone\.(?:.*\.router\.gates\.[^.]+\.weight|task_embed\.[^.]+)$")

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation
 
-from moevit.data.decode import IGNORE_INDEX
+from moevit.config.labels import IGNORE_INDEX
 from moevit.heads.checks import batch_entry, requested_maps
 from moevit.heads.pyramid import MultiLevelNeck
 from moevit.models.moe_vit import BackboneOutput

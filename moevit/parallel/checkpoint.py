@@ -122,6 +122,16 @@ def _ep_size(engine: DeepSpeedEngine) -> int:
     return next((m.ep_size for m in engine.module.modules() if isinstance(m, ExpertParallelExperts)), 1)
 
 
+def is_complete_checkpoint(directory: str | os.PathLike) -> bool:
+    """Every rank saved its files into `directory` and rank 0 then wrote the marker."""
+    return (Path(directory) / COMPLETE_FILE).is_file()
+
+
+def read_client_state(run_dir: str | os.PathLike, tag: str, rank: int = 0) -> dict:
+    """The loop state (`client_state`) rank `rank` saved with checkpoint `tag` of the run dir."""
+    return json.loads(_client_state_path(checkpoint_root(run_dir), tag, rank).read_text())
+
+
 def _complete_tags(root: Path) -> list[tuple[int, str]]:
     """(step, tag) of every complete checkpoint, oldest first."""
     found = []

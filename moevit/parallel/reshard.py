@@ -41,7 +41,7 @@ from moevit.parallel.checkpoint import (
     COMPLETE_FILE,
     POINTER_FILE,
     checkpoint_root,
-    find_latest_checkpoint,
+    is_complete_checkpoint,
     load_tensors_only,
 )
 from moevit.parallel.expert_parallel import split_expert_key
@@ -75,17 +75,6 @@ class ExpertLayout:
         decay = [i for i, (_, shape) in enumerate(self.params) if len(shape) > 1]
         no_decay = [i for i, (_, shape) in enumerate(self.params) if len(shape) <= 1]
         return [kind for kind in (decay, no_decay) if kind]
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint directory (`<run>/checkpoints/<tag>`), or a run dir (its newest complete one)."""
-    path = Path(path)
-    if (path / COMPLETE_FILE).is_file():
-        return path
-    tag = find_latest_checkpoint(path) if checkpoint_root(path).is_dir() else None
-    if tag is None:
-        raise ReshardError(f"{path}: neither a complete checkpoint directory nor a run dir holding one")
-    return checkpoint_root(path) / tag
 
 
 def read_expert_layout(directory: Path, num_layers: int) -> ExpertLayout:
@@ -232,12 +221,15 @@ def reshard_client_states(old: list[dict], new_world: int) -> tuple[list[dict], 
 def reshard_checkpoint(
     checkpoint: str | os.PathLike, ep_size: int, out_run_dir: str | os.PathLike, world_size: int | None = None
 ) -> tuple[Path, list[str]]:
-    """Writes `checkpoint` resharded for `ep_size` (and `world_size`, default ep_size) as the newest
+    """Writes the checkpoint directory `checkpoint` (moevit.artifacts.checkpoints resolves a run dir to
+    one) resharded for `ep_size` (and `world_size`, default ep_size) as the newest
     checkpoint of the run dir `out_run_dir`; returns its directory and notes on inexact parts.
 
     Resume from it with `moevit train CONFIG parallel.ep_size=<ep_size> --nproc <world_size> --resume OUT`.
     """
-    source = resolve_checkpoint_dir(checkpoint)
+    source = Path(checkpoint)
+    if not is_complete_checkpoint(source):
+        raise ReshardError(f"{source} is not a complete checkpoint directory")
     marker = json.loads((source / COMPLETE_FILE).read_text())
     world_size = world_size or ep_size
     if ep_size < 1 or world_size % ep_size:

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
+from moevit.artifacts.model_dir import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
 from moevit.config import save_config
 from moevit.config.schema import Config
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 from moevit.models.multitask import MultiTaskModel
-from moevit.prune.manifest import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
 
 _EXPERT_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.experts\.(fc[12]_(?:weight|bias))$")
 _GATE_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.router\.gates\.[^.]+\.(weight|usage)$")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moevit.artifacts.model_dir import Manifest, build_from_manifest
 from moevit.models.multitask import MultiTaskModel
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, Plan, select_experts
 from moevit.prune.extract import check_tasks, extract, make_manifest, mlp_layers, write_pruned
-from moevit.prune.manifest import Manifest, build_from_manifest
 from moevit.prune.report import pruning_report
 from moevit.prune.source import Source, evaluate_on_cpu
 from moevit.prune.usage import Usage

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 
+from moevit.artifacts.checkpoints import CheckpointRef, resolve_checkpoint
+from moevit.artifacts.run_dir import RunDir
 from moevit.config import load_config
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
 from moevit.eval import evaluate
-from moevit.models.factory import build_model
+from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.checkpoint import consolidated_state_dict
 from moevit.prune.extract import mlp_layers, restricted_tasks
 from moevit.prune.usage import Usage, calibrate_usage, has_counts, usage_from_run
-from moevit.train.loop import resolve_checkpoint
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Source:
 
     @property
     def description(self) -> str:
-        return str(self.run_root / "checkpoints" / self.tag)
+        return str(CheckpointRef(self.run_root, self.tag).directory)
 
     def image_sizes(self) -> dict[str, int]:
         return {name: task.data.image_size if task.data else 224 for name, task in self.cfg.tasks.items()}
@@ -49,8 +50,8 @@ class Source:
 
 def load_source(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> Source:
     """A run dir (its newest checkpoint) or `<run>/checkpoints/<tag>`; the config defaults to the run's."""
-    run_root, tag = resolve_checkpoint(checkpoint, Path(checkpoint), flag="--checkpoint")
-    config_path = Path(config) if config else run_root / "config.yaml"
+    ref = resolve_checkpoint(checkpoint, "--checkpoint")
+    config_path = Path(config) if config else RunDir(ref.run_root).config_file
     if not config_path.is_file():
         raise ConfigError(
             f"--config {config_path}", "no such file (the run dir's config.yaml is the default)"
@@ -61,9 +62,9 @@ def load_source(checkpoint: str, config: str | None = None, overrides: list[str]
         model = build_model(cfg)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(config_path), f"the model cannot be built: {err}") from None
-    state = consolidated_state_dict(run_root / "checkpoints" / tag)
+    state = consolidated_state_dict(ref.directory)
     model.load_state_dict(state)
-    return Source(cfg, model.eval(), state, run_root, tag)
+    return Source(cfg, model.eval(), state, ref.run_root, ref.tag)
 
 
 def gather_usage(

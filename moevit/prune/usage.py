@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from moevit.artifacts.checkpoints import CheckpointRef
+from moevit.artifacts.run_dir import RunDir
 from moevit.config.schema import Config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.models.moe_vit import MoEViT
+from moevit.parallel.checkpoint import is_complete_checkpoint, read_client_state
 
 Usage = dict[str, dict[str, list[int]]]  # layer -> task -> routed slots per expert
 _MLP_LAYER = re.compile(r"^blocks\.\d+\.mlp$")
@@ -61,7 +64,7 @@ def usage_from_run(run_root: Path, tag: str) -> tuple[Usage, str]:
     """(counters, where they came from) for checkpoint `tag` of a run dir; empty when none were kept."""
     step = int(tag.split("_")[-1])
     reports = []
-    for path in (run_root / "plots").glob("usage_step*.json"):
+    for path in RunDir(run_root).plots.glob("usage_step*.json"):
         match = _REPORT.match(path.name)
         if match and int(match[1]) <= step:
             reports.append((int(match[1]), path))
@@ -72,9 +75,8 @@ def usage_from_run(run_root: Path, tag: str) -> tuple[Usage, str]:
         report = json.loads(path.read_text())
         usage = add_usage(usage, report["layers"])
         sources.append(f"{path.name} (steps {report['since_step'] + 1}-{report_step})")
-    client = run_root / "checkpoints" / tag / "client_state" / "rank_00000.json"
-    if client.is_file():
-        pending = json.loads(client.read_text()).get("usage", {})
+    if is_complete_checkpoint(CheckpointRef(run_root, tag).directory):
+        pending = read_client_state(run_root, tag).get("usage", {})
         counts = pending.get("counts", {})
         if counts:
             tasks = _tasks_of_report(reports)

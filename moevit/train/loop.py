@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moevit.artifacts.checkpoints import resolve_checkpoint, resolve_resume
+from moevit.artifacts.model_dir import is_pruned_dir, load_pruned
+from moevit.artifacts.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
-from moevit.continual.start import start_continual, training_tasks_config
 from moevit.data.multitask import derive_seed
 from moevit.eval import evaluate
 from moevit.fileio import write_text_atomically
 from moevit.parallel.checkpoint import (
     capture_rng_state,
     consolidated_state_dict,
-    find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -42,7 +43,6 @@ from moevit.train.logging import RunLogger
 from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
-from moevit.train.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.train.step import MultiTaskStep
 from moevit.train.usage_plots import ExpertUsage, write_usage_report
 
@@ -58,27 +58,6 @@ def seed_rank(seed: int, rank: int) -> None:
 def is_due(step: int, every: int, last_step: int) -> bool:
     """Every `every` steps (0: never) and at the last step."""
     return step == last_step or (every > 0 and step % every == 0)
-
-
-def resolve_checkpoint(
-    path_or_auto: str | None, run_root: Path, flag: str = "--resume"
-) -> tuple[Path, str] | None:
-    """(run dir, checkpoint tag): "auto" is the newest complete checkpoint of `run_root` (None if there
-    is none yet); a path names a run dir (its newest) or a checkpoint directory `<run>/checkpoints/<tag>`."""
-    if path_or_auto is None:
-        return None
-    if path_or_auto == "auto":
-        tag = find_latest_checkpoint(run_root)
-        return None if tag is None else (run_root, tag)
-    path = Path(path_or_auto)
-    if RunDir(path).checkpoints.is_dir():
-        tag = find_latest_checkpoint(path)
-        if tag is None:
-            raise ConfigError(f"{flag} {path}", "the run dir holds no complete checkpoint")
-        return path, tag
-    if path.is_dir() and path.parent.name == "checkpoints" and find_latest_checkpoint(path.parent.parent):
-        return path.parent.parent, path.name
-    raise ConfigError(f"{flag} {path}", "neither a run dir nor a complete checkpoint <run>/checkpoints/<tag>")
 
 
 def skipped_samples_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
@@ -103,16 +82,15 @@ def run_training(
             run dir or checkpoint directory to continue from.
         source: where `cfg` came from, for error messages.
         model: a prebuilt single-device model to train instead of the config's (fine-tuning,
-            moevit.finetune); parameters with requires_grad False stay out of the optimizer.
+            moevit.finetune; continual learning, moevit.continual.start); parameters with
+            requires_grad False stay out of the optimizer.
     """
     run = RunDir(Path(cfg.output_dir))
     check_output_dir(cfg, resume)
-    checkpoint = resolve_checkpoint(resume, run.root)
+    checkpoint = resolve_resume(resume, run.root)
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
-        if cfg.continual is not None:  # expanded weights in, old tasks frozen, before the engine shards
-            start_continual(model, cfg, source)
-    train_cfg = training_tasks_config(cfg)  # the tasks that train; evaluation keeps all of cfg's
+    train_cfg = cfg.training_view()  # the tasks that train; evaluation keeps all of cfg's
     env = initialize_distributed(cfg)
     device = device_for(env)
     engine = build_engine(model, cfg, env)  # shards the experts over parallel.ep_size ranks first
@@ -128,7 +106,7 @@ def run_training(
 
     start_step = 0
     if checkpoint is not None:
-        state = load_checkpoint(engine, *checkpoint)
+        state = load_checkpoint(engine, checkpoint.run_root, checkpoint.tag)
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         balancer.load_state_dict(state["balancer"])
@@ -151,7 +129,7 @@ def run_training(
     last = cfg.train.steps
     logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
     if checkpoint is not None:
-        logger.message(f"resumed from {checkpoint[0] / 'checkpoints' / checkpoint[1]} at step {start_step}")
+        logger.message(f"resumed from {checkpoint.directory} at step {start_step}")
     metrics: dict[str, dict[str, float]] = {}
     # Caught from here on (USR2: checkpoint and requeue; SIGTERM: checkpoint and exit), not during set-up:
     # a set-up error then leaves no handler behind in a process that goes on (tests, notebooks).
@@ -206,8 +184,6 @@ def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict
     whatever the training layout was. A pruned model directory (`moevit prune`, holding manifest.json) is
     evaluated on its own tasks, data-parallel only (its experts stay whole on every process).
     """
-    from moevit.prune.manifest import is_pruned_dir, load_pruned
-
     if is_pruned_dir(checkpoint):
         model, manifest = load_pruned(checkpoint)
         missing = [task for task in manifest.tasks if task not in cfg.tasks]
@@ -219,9 +195,9 @@ def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict
         return evaluate(
             model.to(device), cfg, manifest.tasks, cfg.train.eval_batches, env.rank, env.world_size, device
         )
-    run_root, tag = resolve_checkpoint(checkpoint, Path(checkpoint), flag="--checkpoint")
+    ref = resolve_checkpoint(checkpoint, "--checkpoint")
     model = build_checked_model(cfg, detect_environment().world_size, source)
-    model.load_state_dict(consolidated_state_dict(run_root / "checkpoints" / tag))
+    model.load_state_dict(consolidated_state_dict(ref.directory))
     env = initialize_distributed(cfg)
     device = device_for(env)
     apply_expert_parallel(model, cfg.parallel.ep_size)

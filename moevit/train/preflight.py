@@ -14,9 +14,8 @@ import torch
 
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
-from moevit.continual.start import check_continual_tasks
+from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
-from moevit.models.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.setup import check_layout
 
@@ -47,5 +46,4 @@ def build_checked_model(cfg: Config, world_size: int, source: str = "config") ->
     expert_counts = {module.num_experts for module in model.modules() if isinstance(module, MoEMlp)}
     for num_experts in sorted(expert_counts) or [None]:
         check_layout(cfg, world_size, num_experts)
-    check_continual_tasks(cfg, source)  # a `continual:` section names tasks of this config
     return model

@@ -87,9 +87,10 @@ def leg_worker(run_dir: str, ep_size: int, resume: str | None, steps: list[int],
 
 def reshard(checkpoint: Path, ep_size: int, out: Path) -> None:
     """The converter behind `moevit ckpt reshard` (its CLI runs in tests/fault/test_reshard_cli.py)."""
+    from moevit.artifacts.checkpoints import resolve_checkpoint
     from moevit.parallel.reshard import reshard_checkpoint
 
-    reshard_checkpoint(checkpoint, ep_size, out)
+    reshard_checkpoint(resolve_checkpoint(checkpoint).directory, ep_size, out)
 
 
 def merged(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:

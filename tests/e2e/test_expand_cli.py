@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
+from moevit.artifacts.model_dir import load_pruned
 from moevit.config import load_config
 from moevit.continual.manifest import read_expand_manifest
 from moevit.data.synth import write_synthetic_datasets
 from moevit.data.synth.downstream import write_downstream
-from moevit.models.factory import build_model
+from moevit.factory import build_model
 from moevit.parallel.checkpoint import consolidated_state_dict, find_latest_checkpoint
-from moevit.prune.manifest import load_pruned
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TIMEOUT_S = 300

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
+from moevit.artifacts.model_dir import load_pruned
 from moevit.data.synth import write_synthetic_datasets
 from moevit.data.synth.downstream import write_downstream
-from moevit.prune.manifest import load_pruned
 
 pytestmark = [pytest.mark.slow]
 TIMEOUT_S = 300

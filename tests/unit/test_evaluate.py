@@ -113,7 +113,7 @@ def test_max_batches_caps_every_task(synth_root):
 
 def test_a_tiny_multitask_model_gives_every_metric(synth_root):
     pytest.importorskip("moevit.heads", reason="moevit.heads (task heads) is not importable yet")
-    from moevit.models.factory import build_model
+    from moevit.factory import build_model
 
     cfg = make_config(synth_root)
     torch.manual_seed(0)

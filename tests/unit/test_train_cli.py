@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from moevit.cli import main as moevit_main
-from moevit.train import cli
+from moevit.cli import train as cli
 
 
 def write_config(tmp_path, **changes):

@@ -2,10 +2,10 @@
 
 import pytest
 
+from moevit.artifacts.run_dir import check_output_dir, prepare_run_dir
 from moevit.config import ConfigError, build_config, load_config
 from moevit.config.schema import Config
 from moevit.train.preflight import build_checked_model
-from moevit.train.run_dir import check_output_dir, prepare_run_dir
 
 
 def make_config(tmp_path, **sections):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moevit.artifacts.model_dir import load_pruned
 from moevit.config import build_config
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
@@ -20,15 +21,13 @@ from moevit.continual.expand import (
     rank_experts,
 )
 from moevit.continual.freeze import freeze_for_continual, task_of_parameter
-from moevit.continual.start import training_tasks_config
+from moevit.factory import build_model
 from moevit.layers.aux_losses import load_balance_loss
 from moevit.layers.router import TaskRouter
-from moevit.models.factory import build_model
 from moevit.parallel.engine import optimizer_param_groups
 from moevit.parallel.expert_parallel import apply_expert_parallel
 from moevit.prune.criteria import Criterion, select_experts
 from moevit.prune.extract import extract, mlp_layers, restricted_tasks, write_pruned
-from moevit.prune.manifest import load_pruned
 
 SIZE = 32
 
@@ -193,9 +192,9 @@ def test_freezing_survives_expert_parallel_wrapping_and_refuses_sharded_models(s
 
 def test_training_view_keeps_only_the_tasks_that_train(source):
     new_cfg, _, _ = expand(source)
-    view = training_tasks_config(new_cfg)
+    view = new_cfg.training_view()
     assert list(view.tasks) == ["new"] and list(new_cfg.tasks) == ["cls", "seg", "new"]
-    assert training_tasks_config(make_cfg()) is not None
+    assert make_cfg().training_view() is not None
 
 
 def test_start_continual_loads_the_expansion_and_refuses_a_mismatched_one(source, tmp_path):

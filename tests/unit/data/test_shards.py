@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
+from moevit.cli.shard import add_shard_parser
 from moevit.data import ADE20K, CocoDetection, ImageNetFolder
 from moevit.data.collate import collate_classification
 from moevit.data.errors import CorruptSampleError, DatasetLayoutError
 from moevit.data.shards import ShardDataset, ShardInfo, ShardPipeline, build_shard_pipeline, write_shards
-from moevit.data.shards.cli import add_shard_parser
 from moevit.data.shards.layout import INFO_FILE, decode_key, encode_key
 from moevit.data.synth import write_synthetic_datasets
 

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
+from moevit.artifacts.model_dir import Manifest, ManifestError, load_pruned, read_manifest
 from moevit.config import build_config
 from moevit.config.schema import Config
-from moevit.models.factory import build_model
+from moevit.factory import build_model
 from moevit.models.flops import analytic_flops
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, select_experts
 from moevit.prune.extract import extract, mlp_layers, write_pruned
-from moevit.prune.manifest import Manifest, ManifestError, load_pruned, read_manifest
 from moevit.prune.run import reference_model
 from moevit.prune.source import Source
 from moevit.prune.usage import count_routing
@@ -135,7 +135,7 @@ def test_manifest_round_trip_and_standalone_load(tmp_path):
     # Without DeepSpeed (import blocked) and without the source: a fresh interpreter loads and runs it.
     script = (
         "import sys; sys.modules['deepspeed'] = None\n"
-        "import torch; from moevit.prune.manifest import load_pruned\n"
+        "import torch; from moevit.artifacts.model_dir import load_pruned\n"
         f"m, _ = load_pruned({str(tmp_path)!r})\n"
         "print(tuple(m.predict('cls', {'images': torch.zeros(1, 3, 32, 32)}).shape))\n"
         "assert not any(k.startswith('deepspeed') for k in sys.modules if sys.modules[k] is not None)\n"

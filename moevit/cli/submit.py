@@ -66,9 +66,9 @@ def _layout(args: argparse.Namespace, gpus_per_node: int | None) -> JobLayout:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from moevit.artifacts.run_dir import check_output_dir
     from moevit.config import load_config
     from moevit.train.preflight import build_checked_model
-    from moevit.train.run_dir import check_output_dir
 
     try:
         profile = load_profile(args.profile)

@@ -91,12 +91,13 @@ def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from moevit.artifacts.run_dir import check_output_dir
     from moevit.config import load_config
     from moevit.parallel.collectives import is_main_process
+    from moevit.parallel.env import detect_environment
     from moevit.parallel.setup import shutdown_distributed
     from moevit.train.loop import run_training
     from moevit.train.preflight import build_checked_model
-    from moevit.train.run_dir import check_output_dir
 
     cfg = load_config(args.config, args.overrides)
     if _needs_relaunch(args.nproc):
@@ -104,7 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         build_checked_model(cfg, args.nproc, args.config)
         resume = ["--resume", args.resume] if args.resume else []
         return _relaunch(["train", args.config, *args.overrides, *resume], args.nproc)
-    metrics = run_training(cfg, args.resume, source=args.config)
+    check_output_dir(cfg, args.resume)  # before the model is built, as on a relaunch
+    model = build_checked_model(cfg, detect_environment().world_size, args.config)
+    if cfg.continual is not None:  # expanded weights in, old tasks frozen, before the engine shards
+        from moevit.continual.start import start_continual
+
+        start_continual(model, cfg, args.config)
+    metrics = run_training(cfg, args.resume, source=args.config, model=model)
     if is_main_process():
         print(f"run dir: {cfg.output_dir}")
         if metrics:
@@ -116,18 +123,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from moevit.artifacts.checkpoints import resolve_checkpoint
     from moevit.config import load_config
     from moevit.parallel.collectives import is_main_process
     from moevit.parallel.setup import shutdown_distributed
-    from moevit.train.loop import resolve_checkpoint, run_evaluation
+    from moevit.train.loop import run_evaluation
     from moevit.train.preflight import build_checked_model
 
     cfg = load_config(args.config, args.overrides)
     if _needs_relaunch(args.nproc):
-        from moevit.prune.manifest import is_pruned_dir
+        from moevit.artifacts.model_dir import is_pruned_dir
 
         if not is_pruned_dir(args.checkpoint):  # a pruned model is checked when the workers load it
-            resolve_checkpoint(args.checkpoint, Path(args.checkpoint), "--checkpoint")
+            resolve_checkpoint(args.checkpoint, "--checkpoint")
             build_checked_model(cfg, args.nproc, args.config)
         output = ["--json", str(args.json)] if args.json else []
         argv = ["eval", args.config, *args.overrides, "--checkpoint", args.checkpoint, *output]

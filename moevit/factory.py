@@ -1,4 +1,5 @@
-"""Build the models a config describes."""
+"""The composition root: builds the models a config describes (backbone from moevit.models, one head per
+task from moevit.heads). It sits above both, so neither imports the other's builder."""
 
 from __future__ import annotations
 

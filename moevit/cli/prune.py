@@ -77,8 +77,8 @@ def criterion_of(args: argparse.Namespace) -> Criterion:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from moevit.artifacts.model_dir import ManifestError
     from moevit.prune.extract import check_tasks
-    from moevit.prune.manifest import ManifestError
     from moevit.prune.report import format_report
     from moevit.prune.run import run_prune
     from moevit.prune.source import gather_usage, load_source

@@ -18,6 +18,7 @@ from pathlib import Path
 from moevit.config import save_config
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
+from moevit.parallel.checkpoint import checkpoint_root
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return checkpoint_root(self.root)  # the checkpoint writer's name for it
 
     @property
     def plots(self) -> Path:

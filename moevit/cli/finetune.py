@@ -35,6 +35,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from moevit.artifacts.run_dir import check_output_dir
     from moevit.config import load_config
     from moevit.config.errors import ConfigError
     from moevit.finetune.export import export_finetuned
@@ -43,7 +44,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from moevit.parallel.env import detect_environment
     from moevit.parallel.expert_parallel import apply_expert_parallel
     from moevit.train.loop import run_training
-    from moevit.train.run_dir import check_output_dir
 
     cfg = load_config(args.config, args.overrides)
     if detect_environment().world_size > 1:

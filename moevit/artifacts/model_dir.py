@@ -1,6 +1,6 @@
-"""The pruned-model manifest: what a standalone pruned checkpoint is, and how to build and load it.
+"""The standalone model directory (`moevit prune`, `moevit finetune`): what it holds, how to build and load it.
 
-A pruned directory (written by `moevit prune`, see extract.py) holds
+A model directory (written by `moevit prune`, see moevit.prune.extract, and by `moevit finetune`) holds
 
     manifest.json   {"format", "version", "tasks", "model": {"name", "args"}, "kept_experts":
                      {"blocks.<i>.mlp": [expert ids of the source model]}, "heads": {task: {"type",

@@ -60,7 +60,7 @@ def point_latest_demo_at(run_dir: Path, link: Path = Path("runs/demo")) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    from moevit.models.factory import build_backbone
+    from moevit.factory import build_backbone
     from moevit.models.flops import run_flops
 
     cfg = _load(args.config, args.overrides)
@@ -89,13 +89,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moevit.continual.cli import add_expand_parser
-    from moevit.data.shards.cli import add_shard_parser
-    from moevit.finetune.cli import add_finetune_parser
-    from moevit.parallel.ckpt_cli import add_ckpt_parser
-    from moevit.prune.cli import add_prune_parser
-    from moevit.slurm.cli import add_submit_parser
-    from moevit.train.cli import add_eval_parser, add_train_parser
+    from moevit.cli.ckpt import add_ckpt_parser
+    from moevit.cli.expand import add_expand_parser
+    from moevit.cli.finetune import add_finetune_parser
+    from moevit.cli.prune import add_prune_parser
+    from moevit.cli.shard import add_shard_parser
+    from moevit.cli.submit import add_submit_parser
+    from moevit.cli.train import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="moevit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,7 +170,3 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:  # every rank stops together with this message
         print(f"moevit: error: {err}", file=sys.stderr)
         return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

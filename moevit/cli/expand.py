@@ -65,8 +65,8 @@ def add_expand_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
+    from moevit.artifacts.model_dir import ManifestError
     from moevit.continual.run import run_expand
-    from moevit.prune.manifest import ManifestError
 
     if args.out.exists() and any(args.out.iterdir()):
         print(f"moevit expand: error: --out {args.out} exists and is not empty", file=sys.stderr)

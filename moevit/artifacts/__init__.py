@@ -1,0 +1,1 @@
+"""Saved things: run directories, checkpoints, model directories and expert usage files."""
