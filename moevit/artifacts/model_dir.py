@@ -21,7 +21,6 @@ imports only the model code.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,13 @@ import torch
 from moevit.config.errors import ConfigError
 from moevit.heads import build_head
 from moevit.models.multitask import MultiTaskModel
+from moevit.models.param_names import is_mlp_layer, mlp_layer_index
 from moevit.models.registry import create_model
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.pt"
 FORMAT = "moevit-pruned"
 VERSION = 1
-_LAYER = re.compile(r"^blocks\.(\d+)\.mlp$")
 
 
 class ManifestError(ConfigError):
@@ -70,11 +69,11 @@ class Manifest:
     task_experts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def experts_per_block(self) -> dict[int, int]:
-        return {int(_LAYER.match(layer)[1]): len(ids) for layer, ids in self.kept_experts.items()}
+        return {mlp_layer_index(layer): len(ids) for layer, ids in self.kept_experts.items()}
 
     def task_experts_per_block(self) -> dict[str, dict[int, int]]:
         return {
-            task: {int(_LAYER.match(layer)[1]): n for layer, n in by_layer.items()}
+            task: {mlp_layer_index(layer): n for layer, n in by_layer.items()}
             for task, by_layer in self.task_experts.items()
         }
 
@@ -120,7 +119,7 @@ class Manifest:
         if not isinstance(kept, Mapping):
             raise ManifestError(source, "'kept_experts' must map layer names to expert id lists")
         for layer, ids in kept.items():
-            if not _LAYER.match(str(layer)):
+            if not is_mlp_layer(str(layer)):
                 raise ManifestError(source, f"'kept_experts': layer name {layer!r} is not 'blocks.<i>.mlp'")
             if (
                 not isinstance(ids, list)

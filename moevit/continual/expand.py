@@ -20,7 +20,6 @@ compared with the source model's: they must be bit-identical, or nothing is writ
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,10 @@ from moevit.config.schema import (
 )
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
+from moevit.models.param_names import is_mlp_layer, parse_key
 from moevit.prune.extract import mlp_layers
 
 EXPERT_INITS = ("copy", "fresh")
-_EXPERT_KEY = re.compile(r"^backbone\.(blocks\.\d+\.mlp)\.experts\.fc[12]_(?:weight|bias)$")
-_GATE_USAGE_KEY = re.compile(r"^backbone\.(blocks\.\d+\.mlp)\.router\.gates\.([^.]+)\.usage$")
 _TASK_FORMAT = {task_type: fmt for fmt, task_type in FORMAT_TASK_TYPE.items()}
 
 
@@ -169,21 +167,21 @@ def expand_state_dict(
     the new task's parameters (`target`'s init). Every source tensor must be used, key by key."""
     out, used = {}, set()
     for key, like in target.state_dict().items():
-        expert = _EXPERT_KEY.match(key)
-        if expert and key in source_state:
+        name = parse_key(key)
+        if name.kind == "expert" and key in source_state:
             old = source_state[key]
             if old.shape[0] != old_experts or old.shape[1:] != like.shape[1:]:
                 raise ValueError(f"{key}: source shape {tuple(old.shape)} does not fit {tuple(like.shape)}")
             value = like.clone()
             value[:old_experts] = old
             if copied_from is not None:
-                value[old_experts:] = old[list(copied_from[expert[1]])]
+                value[old_experts:] = old[list(copied_from[name.layer])]
         elif key in source_state:
             value = source_state[key]
             if value.shape != like.shape:
                 raise ValueError(f"{key}: source shape {tuple(value.shape)}, expanded {tuple(like.shape)}")
             value = value.clone()
-        elif _belongs_to(key, task):
+        elif name.task == task:  # its gate, usage counter, task embedding or head
             value = like.clone()
         else:
             raise ValueError(
@@ -197,19 +195,13 @@ def expand_state_dict(
     return out
 
 
-def _belongs_to(key: str, task: str) -> bool:
-    return (
-        key.startswith(f"heads.{task}.") or f".gates.{task}." in key or key == f"backbone.task_embed.{task}"
-    )
-
-
 def gate_usage(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
     """{layer: {task: counts}} from the gates' usage buffers (rank 0's share under expert parallelism)."""
     usage: dict[str, dict[str, list[int]]] = {}
     for key, value in state.items():
-        match = _GATE_USAGE_KEY.match(key)
-        if match:
-            usage.setdefault(match[1], {})[match[2]] = value.tolist()
+        name = parse_key(key)
+        if name.kind == "gate_usage" and is_mlp_layer(name.layer):
+            usage.setdefault(name.layer, {})[name.task] = value.tolist()
     return usage
 
 

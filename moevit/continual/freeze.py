@@ -20,26 +20,13 @@ runs on the single-device model, before expert parallelism is applied.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import nn
 
 from moevit.layers.experts import GroupedExperts
 from moevit.layers.moe_mlp import MoEMlp
-
-# Parameters that belong to one task: its head, its gate in any routed layer, its task embedding.
-_TASK_PARAM = re.compile(
-    r"^heads\.(?P<head>[^.]+)\."
-    r"|\.router\.gates\.(?P<gate>[^.]+)\.weight$"
-    r"|^backbone\.task_embed\.(?P<embed>[^.]+)$"
-)
-
-
-def task_of_parameter(name: str) -> str | None:
-    """The task a parameter belongs to (head, gate, task embedding), None for shared ones."""
-    match = _TASK_PARAM.search(name)
-    return None if match is None else match["head"] or match["gate"] or match["embed"]
+from moevit.models.param_names import task_of
 
 
 def freeze_for_continual(
@@ -72,7 +59,7 @@ def freeze_for_continual(
     for name, param in model.named_parameters():
         if id(param) in owned:
             continue
-        task = task_of_parameter(name)
+        task = task_of(name)
         param.requires_grad_(task in train if task is not None else train_shared)
     return parameter_counts(model)
 

@@ -12,8 +12,6 @@ optimizer (moevit.parallel.engine.optimizer_param_groups): no update, no weight 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from moevit.artifacts.model_dir import Manifest, is_pruned_dir, load_pruned
@@ -21,10 +19,10 @@ from moevit.config.schema import Config
 from moevit.heads import build_head
 from moevit.models.moe_vit import MoEViT
 from moevit.models.multitask import MultiTaskModel
+from moevit.models.param_names import parse_key, task_of, with_task
 from moevit.models.registry import create_model
 
 MODES = ("head", "router+head", "full")
-_ROUTER_OR_EMBEDDING = re.compile(r"^backbone\.(?:.*\.router\.gates\.[^.]+\.weight|task_embed\.[^.]+)$")
 
 
 def init_source(init: str, from_task: str | None) -> tuple[MultiTaskModel, Manifest, str]:
@@ -61,12 +59,10 @@ def renamed_backbone(model: MultiTaskModel, manifest: Manifest, from_task: str, 
     )
     state = {}
     for key, value in model.backbone.state_dict().items():
-        other = re.search(r"(?:\.gates\.|^task_embed\.)([^.]+)", key)
-        if other and other[1] != from_task:
+        task = task_of(key, prefix="")
+        if task is not None and task != from_task:
             continue
-        if other:
-            key = key[: other.start(1)] + new_task + key[other.end(1) :]
-        state[key] = value
+        state[key if task is None else with_task(key, new_task, prefix="")] = value
     backbone.load_state_dict(state)
     return backbone
 
@@ -106,7 +102,8 @@ def freeze(model: MultiTaskModel, mode: str) -> dict[str, int]:
         if mode == "full" or name.startswith("heads."):
             param.requires_grad_(True)
         else:
-            param.requires_grad_(mode == "router+head" and bool(_ROUTER_OR_EMBEDDING.match(name)))
+            routing = parse_key(name).kind in ("gate", "task_embedding")
+            param.requires_grad_(mode == "router+head" and routing)
     return {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),

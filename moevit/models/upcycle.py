@@ -9,7 +9,6 @@ The dense classifier head is not part of the backbone and is left out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +18,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from moevit.models.moe_vit import MoEViT
+from moevit.models.param_names import expert_key, expert_part_of_dense, mlp_layer_index, parse_key
 
-_DENSE_MLP_KEY = re.compile(r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)")
 _NOT_BACKBONE = ("head.", "fc_norm.", "head_drop.", "attn_pool.")
-_NEW_IN_MOE = re.compile(r"(blocks\.\d+\.mlp\.router\.gates\..+|task_embed\..+)")
 
 
 def load_timm_vit(model_name: str, checkpoint_path: str | Path) -> VisionTransformer:
@@ -74,16 +72,15 @@ def upcycle_timm_vit(
     for key, value in vit.state_dict().items():
         if key.startswith(_NOT_BACKBONE):
             continue
-        match = _DENSE_MLP_KEY.fullmatch(key)
-        if match and int(match[1]) in model.moe_layer_indices:
-            block, linear, kind = match.groups()
-            state[f"blocks.{block}.mlp.experts.{linear}_{kind}"] = value.unsqueeze(0).repeat_interleave(
-                num_experts, 0
-            )
+        name = parse_key(key, prefix="")
+        if name.kind == "dense_mlp" and mlp_layer_index(name.layer) in model.moe_layer_indices:
+            moe_key = expert_key(name.layer, expert_part_of_dense(name.part), prefix="")
+            state[moe_key] = value.unsqueeze(0).repeat_interleave(num_experts, 0)
         else:
             state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not _NEW_IN_MOE.fullmatch(key)]
+    new_in_moe = ("gate", "gate_usage", "task_embedding")  # the routers' state: nothing dense to copy
+    missing = [key for key in missing if parse_key(key, prefix="").kind not in new_in_moe]
     if missing or unexpected:
         raise ValueError(f"dense ViT does not map onto MoEViT: missing {missing}, unexpected {unexpected}")
     return model

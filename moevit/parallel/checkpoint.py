@@ -52,8 +52,9 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from moevit.faults import maybe_kill_in_checkpoint
 from moevit.fileio import write_text_atomically
+from moevit.models.param_names import split_expert_key
 from moevit.parallel import collectives
-from moevit.parallel.expert_parallel import ExpertParallelExperts, split_expert_key
+from moevit.parallel.expert_parallel import ExpertParallelExperts
 
 POINTER_FILE = "latest"
 COMPLETE_FILE = "complete.json"

@@ -50,8 +50,6 @@ replicated on every rank: they are dense parameters here, averaged over all rank
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,20 +60,10 @@ from torch import nn
 
 from moevit.layers.experts import GroupedExperts
 from moevit.layers.moe_mlp import MoEMlp
+from moevit.models.param_names import PER_EXPERT_INFIX
 from moevit.parallel.setup import expert_group_name
 
 EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-# DeepSpeed's MoE checkpoint code finds expert tensors by this infix (engine.py, _save_moe_checkpoint).
-EXPERT_KEY_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
-_EXPERT_KEY = re.compile(rf"^(?P<prefix>.+){re.escape(EXPERT_KEY_INFIX)}(?P<index>\d+)\.(?P<param>\w+)$")
-
-
-def split_expert_key(key: str) -> tuple[str, int, str] | None:
-    """(module prefix, expert index, parameter name) of a per-expert key, None for other keys."""
-    match = _EXPERT_KEY.match(key)
-    if match is None:
-        return None
-    return match["prefix"], int(match["index"]), match["param"]
 
 
 class ExpertMlp(nn.Module):
@@ -263,7 +251,7 @@ def gather_single_device_state_dict(model: nn.Module) -> dict[str, torch.Tensor]
         if not isinstance(module, ExpertParallelExperts):
             continue
         prefix = f"{name}." if name else ""
-        for key in [k for k in state if k.startswith(prefix + EXPERT_KEY_INFIX.lstrip("."))]:
+        for key in [k for k in state if k.startswith(prefix + PER_EXPERT_INFIX.lstrip("."))]:
             del state[key]
         for param in EXPERT_PARAMS:
             if getattr(module.local_experts[0], param) is None:

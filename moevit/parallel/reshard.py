@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from moevit.fileio import write_text_atomically
+from moevit.models.param_names import split_expert_key
 from moevit.parallel.checkpoint import (
     CLIENT_STATE_DIR,
     COMPLETE_FILE,
@@ -44,7 +45,6 @@ from moevit.parallel.checkpoint import (
     is_complete_checkpoint,
     load_tensors_only,
 )
-from moevit.parallel.expert_parallel import split_expert_key
 from moevit.parallel.setup import expert_group_name
 
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,7 @@ from moevit.config.schema import Config
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 from moevit.models.multitask import MultiTaskModel
-
-_EXPERT_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.experts\.(fc[12]_(?:weight|bias))$")
-_GATE_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.router\.gates\.[^.]+\.(weight|usage)$")
-_DENSE_KEY = re.compile(r"^(backbone\.blocks\.\d+\.mlp)\.(fc[12])\.(weight|bias)$")
+from moevit.models.param_names import expert_key, expert_part_of_dense, is_mlp_layer, parse_key
 
 
 def check_tasks(tasks: Sequence[str], available: Sequence[str], source: str = "--task") -> list[str]:
@@ -134,25 +130,18 @@ def prune_state_dict(
     return out
 
 
-def _kept(plan: Mapping[str, Sequence[int]], prefix: str) -> list[int]:
-    return list(plan[prefix.removeprefix("backbone.")])
-
-
 def _source_value(
     source: Mapping[str, torch.Tensor], key: str, plan: Mapping[str, Sequence[int]]
 ) -> torch.Tensor:
-    match = _EXPERT_KEY.match(key)
-    if match and key in source:
-        return source[key][_kept(plan, match[1])]
-    match = _GATE_KEY.match(key)
-    if match and key in source:  # a restricted task's gate has rows for its first n experts only
-        rows = source[key].shape[0]
-        return source[key][[i for i in _kept(plan, match[1]) if i < rows]]
-    match = _DENSE_KEY.match(key)
-    if match and key not in source:  # a single kept expert became a plain MLP
-        prefix, fc, part = match.groups()
-        (expert,) = _kept(plan, prefix)
-        return source[f"{prefix}.experts.{fc}_{part}"][expert]
+    name = parse_key(key)
+    if name.kind == "expert" and key in source:
+        return source[key][list(plan[name.layer])]
+    if name.kind in ("gate", "gate_usage") and is_mlp_layer(name.layer) and key in source:
+        rows = source[key].shape[0]  # a restricted task's gate has rows for its first n experts only
+        return source[key][[i for i in plan[name.layer] if i < rows]]
+    if name.kind == "dense_mlp" and key not in source:  # a single kept expert became a plain MLP
+        (expert,) = plan[name.layer]
+        return source[expert_key(name.layer, expert_part_of_dense(name.part))][expert]
     if key not in source:
         raise KeyError(f"the source checkpoint has no {key!r}")
     return source[key]

@@ -30,10 +30,10 @@ from moevit.config.schema import Config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.models.moe_vit import MoEViT
+from moevit.models.param_names import is_mlp_layer
 from moevit.parallel.checkpoint import is_complete_checkpoint, read_client_state
 
 Usage = dict[str, dict[str, list[int]]]  # layer -> task -> routed slots per expert
-_MLP_LAYER = re.compile(r"^blocks\.\d+\.mlp$")
 _REPORT = re.compile(r"^usage_step(\d+)\.json$")
 
 
@@ -51,7 +51,7 @@ def add_usage(total: Usage, more: Usage) -> Usage:
 
 def mlp_layers_only(usage: Usage) -> Usage:
     """The MoE MLP layers (attention-head experts are not pruned)."""
-    return {layer: by_task for layer, by_task in usage.items() if _MLP_LAYER.match(layer)}
+    return {layer: by_task for layer, by_task in usage.items() if is_mlp_layer(layer)}
 
 
 def has_counts(usage: Usage, tasks: Sequence[str]) -> bool:
@@ -104,9 +104,7 @@ def count_routing(backbone: MoEViT, batches: Iterable[tuple[str, torch.Tensor]])
             for task, images in batches:
                 routing = backbone.forward_backbone(images, task).routing
                 step = {
-                    layer: {task: r.counts_E.tolist()}
-                    for layer, r in routing.items()
-                    if _MLP_LAYER.match(layer)
+                    layer: {task: r.counts_E.tolist()} for layer, r in routing.items() if is_mlp_layer(layer)
                 }
                 usage = add_usage(usage, step)
     finally:

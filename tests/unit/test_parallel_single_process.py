@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moevit.models import create_model
+from moevit.models.param_names import split_expert_key
 from moevit.parallel.checkpoint import (
     COMPLETE_FILE,
     POINTER_FILE,
@@ -31,7 +32,6 @@ from moevit.parallel.expert_parallel import (
     ExpertParallelExperts,
     apply_expert_parallel,
     gather_single_device_state_dict,
-    split_expert_key,
 )
 
 

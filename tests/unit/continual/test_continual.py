@@ -20,10 +20,11 @@ from moevit.continual.expand import (
     new_task_config,
     rank_experts,
 )
-from moevit.continual.freeze import freeze_for_continual, task_of_parameter
+from moevit.continual.freeze import freeze_for_continual
 from moevit.factory import build_model
 from moevit.layers.aux_losses import load_balance_loss
 from moevit.layers.router import TaskRouter
+from moevit.models.param_names import task_of as task_of_parameter
 from moevit.parallel.engine import optimizer_param_groups
 from moevit.parallel.expert_parallel import apply_expert_parallel
 from moevit.prune.criteria import Criterion, select_experts
