@@ -30,7 +30,7 @@ def build_model(cfg: Config) -> MultiTaskModel:
             task.type,
             task.num_classes,
             backbone,
-            task.data.image_size if task.data else 224,
+            task.image_size,
             **task.head_options,
         )
         for name, task in cfg.tasks.items()

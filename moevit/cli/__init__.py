@@ -64,7 +64,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from moevit.models.flops import run_flops
 
     cfg = _load(args.config, args.overrides)
-    image_sizes = {name: task.data.image_size if task.data else 224 for name, task in cfg.tasks.items()}
+    image_sizes = {name: task.image_size for name, task in cfg.tasks.items()}
     print(run_flops(build_backbone(cfg), image_sizes, as_json=args.json))
     return 0
 

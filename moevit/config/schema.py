@@ -71,13 +71,16 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's training resolution; also what a task without a dataset is built for
+
+
 @dataclass
 class DatasetConfig:
     format: DatasetFormat
     root: str
     train_split: str = "train"
     val_split: str = "val"
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     batch_size: int = 32
     # Classification training crops: RandomResizedCrop area range. timm/DeiT's (0.08, 1) suits
     # ImageNet photos; a dataset whose label needs the whole object in view wants a larger minimum.
@@ -98,6 +101,11 @@ class TaskConfig:
     data: DatasetConfig | None = None
     head_options: dict[str, Any] = field(default_factory=dict)  # head constructor arguments (moevit.heads)
     loss_weight: float = 1.0  # static weight; the loss balancer may change it during training
+
+    @property
+    def image_size(self) -> int:
+        """The input size the task's head is built for: its dataset's, else the default."""
+        return self.data.image_size if self.data is not None else DEFAULT_IMAGE_SIZE
 
     def validate(self) -> None:
         if self.num_classes < 1:

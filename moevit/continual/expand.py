@@ -39,7 +39,6 @@ from moevit.config.schema import (
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.models.param_names import is_mlp_layer, parse_key
-from moevit.prune.extract import mlp_layers
 
 EXPERT_INITS = ("copy", "fresh")
 _TASK_FORMAT = {task_type: fmt for fmt, task_type in FORMAT_TASK_TYPE.items()}
@@ -47,7 +46,7 @@ _TASK_FORMAT = {task_type: fmt for fmt, task_type in FORMAT_TASK_TYPE.items()}
 
 def experts_per_layer(model: MultiTaskModel) -> int:
     """E, the experts of every MoE MLP layer (one count: a pruned model cannot be expanded)."""
-    counts = {layer.num_experts for layer in mlp_layers(model.backbone).values()}
+    counts = {layer.num_experts for layer in model.backbone.mlp_layers().values()}
     if len(counts) != 1:
         raise ValueError(
             f"expansion needs MoE MLP layers with one expert count, the source has {sorted(counts) or 'none'}"
@@ -253,7 +252,7 @@ def build_expanded(
     copied_from = None
     if expert_init == "copy":
         copied_from = {}
-        for layer in mlp_layers(source_model.backbone):
+        for layer in source_model.backbone.mlp_layers():
             ranked = rank_experts((usage or {}).get(layer, {}), old_experts)
             copied_from[layer] = [ranked[j % old_experts] for j in range(new_experts)]
     torch.manual_seed(cfg.seed)

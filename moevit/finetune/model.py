@@ -30,13 +30,12 @@ def init_source(init: str, from_task: str | None) -> tuple[MultiTaskModel, Manif
     if is_pruned_dir(init):
         model, manifest = load_pruned(init)
     else:  # the unpruned baseline: a training checkpoint, every expert kept
-        from moevit.prune.extract import mlp_layers
         from moevit.prune.run import prune_to
         from moevit.prune.source import load_source
 
         source = load_source(init)
         keep_all = {
-            name: list(range(layer.num_experts)) for name, layer in mlp_layers(source.model.backbone).items()
+            name: list(range(layer.num_experts)) for name, layer in source.model.backbone.mlp_layers().items()
         }
         model, manifest = prune_to(
             source, list(source.model.tasks), keep_all, source_checkpoint=source.description
@@ -74,7 +73,7 @@ def build_finetune_model(cfg: Config, init: str, from_task: str | None) -> tuple
     ((task, task_cfg),) = cfg.tasks.items()
     source_model, manifest, from_task = init_source(init, from_task)
     backbone = renamed_backbone(source_model, manifest, from_task, task)
-    image_size = task_cfg.data.image_size if task_cfg.data else 224
+    image_size = task_cfg.image_size
     torch.manual_seed(cfg.seed)
     head = build_head(task_cfg.type, task_cfg.num_classes, backbone, image_size, **task_cfg.head_options)
     spec = {

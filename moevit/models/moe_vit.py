@@ -260,6 +260,11 @@ class MoEViT(nn.Module):
         return x + pos_embed
 
     # ---------------------------------------------------------- introspection
+    def mlp_layers(self) -> dict[str, MoEMlp]:
+        """The MoE MLP layers by name (`blocks.<i>.mlp`), in forward order: the experts pruning and
+        continual learning act on (attention-head experts are left whole)."""
+        return {name: module for name, module in self.routed_layers() if isinstance(module, MoEMlp)}
+
     def routed_layers(self) -> Iterator[tuple[str, nn.Module]]:
         """(name, module) of every task-routed layer, in forward order."""
         for i, block in enumerate(self.blocks):

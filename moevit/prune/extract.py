@@ -26,7 +26,6 @@ import torch
 from moevit.artifacts.model_dir import WEIGHTS_FILE, Manifest, build_from_manifest, write_manifest
 from moevit.config import save_config
 from moevit.config.schema import Config
-from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 from moevit.models.multitask import MultiTaskModel
 from moevit.models.param_names import expert_key, expert_part_of_dense, is_mlp_layer, parse_key
@@ -44,15 +43,10 @@ def check_tasks(tasks: Sequence[str], available: Sequence[str], source: str = "-
     return tasks
 
 
-def mlp_layers(backbone: MoEViT) -> dict[str, MoEMlp]:
-    """MoE MLP layers by name ("blocks.<i>.mlp"), in forward order."""
-    return {name: module for name, module in backbone.routed_layers() if isinstance(module, MoEMlp)}
-
-
 def restricted_tasks(backbone: MoEViT) -> dict[str, dict[str, int]]:
     """layer -> task -> n for the tasks that route among a layer's first n experts only."""
     restricted: dict[str, dict[str, int]] = {}
-    for name, layer in mlp_layers(backbone).items():
+    for name, layer in backbone.mlp_layers().items():
         for task in layer.router.tasks:
             n = layer.router.routable_experts(task)
             if n < layer.num_experts:
@@ -82,7 +76,7 @@ def pruned_task_experts(
 
 
 def check_plan(plan: Mapping[str, Sequence[int]], backbone: MoEViT) -> None:
-    layers = mlp_layers(backbone)
+    layers = backbone.mlp_layers()
     if sorted(plan) != sorted(layers):
         raise ValueError(
             f"the plan names layers {sorted(plan)}, the model's MoE MLP layers are {sorted(layers)}"
@@ -105,7 +99,7 @@ def make_manifest(
         task: {
             "type": cfg.tasks[task].type,
             "num_classes": cfg.tasks[task].num_classes,
-            "image_size": cfg.tasks[task].data.image_size if cfg.tasks[task].data else 224,
+            "image_size": cfg.tasks[task].image_size,
             "head_options": dict(cfg.tasks[task].head_options),
         }
         for task in tasks

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 
 from moevit.models.flops import analytic_flops, count_parameters
 from moevit.models.multitask import MultiTaskModel
-from moevit.prune.extract import mlp_layers
 
 
 def model_figures(
@@ -27,7 +26,7 @@ def model_figures(
     backbone = model.backbone
     params = count_parameters(backbone)
     if plan is None:
-        experts = {name: layer.num_experts for name, layer in mlp_layers(backbone).items()}
+        experts = {name: layer.num_experts for name, layer in backbone.mlp_layers().items()}
     else:
         experts = {name: len(ids) for name, ids in plan.items()}
     head_params = {task: sum(p.numel() for p in model.heads[task].parameters()) for task in tasks}

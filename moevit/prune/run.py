@@ -8,7 +8,7 @@ from moevit.artifacts.model_dir import Manifest, build_from_manifest
 from moevit.models.multitask import MultiTaskModel
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, Plan, select_experts
-from moevit.prune.extract import check_tasks, extract, make_manifest, mlp_layers, write_pruned
+from moevit.prune.extract import check_tasks, extract, make_manifest, write_pruned
 from moevit.prune.report import pruning_report
 from moevit.prune.source import Source, evaluate_on_cpu
 from moevit.prune.usage import Usage
@@ -16,7 +16,9 @@ from moevit.prune.usage import Usage
 
 def reference_model(source: Source, tasks: list[str]) -> MultiTaskModel:
     """The source architecture for `tasks` only, every expert kept (for costs; weights unused)."""
-    plan = {name: list(range(layer.num_experts)) for name, layer in mlp_layers(source.model.backbone).items()}
+    plan = {
+        name: list(range(layer.num_experts)) for name, layer in source.model.backbone.mlp_layers().items()
+    }
     return build_from_manifest(make_manifest(source.cfg, source.model.backbone, tasks, plan))
 
 

@@ -21,7 +21,7 @@ from moevit.eval import evaluate
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.checkpoint import consolidated_state_dict
-from moevit.prune.extract import mlp_layers, restricted_tasks
+from moevit.prune.extract import restricted_tasks
 from moevit.prune.usage import Usage, calibrate_usage, has_counts, usage_from_run
 
 
@@ -38,10 +38,10 @@ class Source:
         return str(CheckpointRef(self.run_root, self.tag).directory)
 
     def image_sizes(self) -> dict[str, int]:
-        return {name: task.data.image_size if task.data else 224 for name, task in self.cfg.tasks.items()}
+        return {name: task.image_size for name, task in self.cfg.tasks.items()}
 
     def top_k(self) -> dict[str, int]:
-        return {name: layer.top_k for name, layer in mlp_layers(self.model.backbone).items()}
+        return {name: layer.top_k for name, layer in self.model.backbone.mlp_layers().items()}
 
     def routable(self) -> dict[str, dict[str, int]]:
         """layer -> task -> n for the tasks restricted to a layer's first n experts (continual learning)."""

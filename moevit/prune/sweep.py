@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from moevit.prune.criteria import Criterion
-from moevit.prune.extract import check_tasks, mlp_layers
+from moevit.prune.extract import check_tasks
 from moevit.prune.report import model_figures
 from moevit.prune.run import make_plan, prune_to
 from moevit.prune.source import Source, evaluate_on_cpu
@@ -54,7 +54,7 @@ def run_sweep(
     grid: Sequence[Criterion] | None = None,
 ) -> list[dict]:
     tasks = check_tasks(task_names, source.model.tasks)
-    layers = mlp_layers(source.model.backbone)
+    layers = source.model.backbone.mlp_layers()
     grid = (
         list(grid) if grid is not None else default_grid(max(layer.num_experts for layer in layers.values()))
     )

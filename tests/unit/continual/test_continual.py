@@ -28,7 +28,7 @@ from moevit.models.param_names import task_of as task_of_parameter
 from moevit.parallel.engine import optimizer_param_groups
 from moevit.parallel.expert_parallel import apply_expert_parallel
 from moevit.prune.criteria import Criterion, select_experts
-from moevit.prune.extract import extract, mlp_layers, restricted_tasks, write_pruned
+from moevit.prune.extract import extract, restricted_tasks, write_pruned
 
 SIZE = 32
 
@@ -227,7 +227,7 @@ def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_pat
     new_cfg, expanded, _ = expand(source)  # 4 old + 2 new experts per layer
     expanded = expanded.eval()
     state = expanded.state_dict()
-    layers = mlp_layers(expanded.backbone)
+    layers = expanded.backbone.mlp_layers()
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
 
     def outputs(model, task):
@@ -248,7 +248,7 @@ def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_pat
     plan = {name: [1, 5] for name in layers}
     pruned, manifest = extract(state, new_cfg, expanded.backbone, ["cls", "new"], plan)
     assert manifest.task_experts == {"cls": {name: 1 for name in layers}}
-    first = next(iter(mlp_layers(pruned.backbone).values()))
+    first = next(iter(pruned.backbone.mlp_layers().values()))
     assert first.router.routable_experts("cls") == 1 and first.router.routable_experts("new") == 2
     outputs(pruned, "cls"), outputs(pruned, "new")
 

@@ -17,7 +17,7 @@ from moevit.factory import build_model
 from moevit.models.flops import analytic_flops
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, select_experts
-from moevit.prune.extract import extract, mlp_layers, write_pruned
+from moevit.prune.extract import extract, write_pruned
 from moevit.prune.run import reference_model
 from moevit.prune.source import Source
 from moevit.prune.usage import count_routing
@@ -71,7 +71,7 @@ def outputs(model, task, x):
 def test_keep_all_gives_identical_outputs():
     cfg = make_cfg()
     model = trained_like(cfg)
-    plan = {name: list(range(layer.num_experts)) for name, layer in mlp_layers(model.backbone).items()}
+    plan = {name: list(range(layer.num_experts)) for name, layer in model.backbone.mlp_layers().items()}
     pruned, _ = extract(model.state_dict(), cfg, model.backbone, ["cls"], plan)
     x = images()
     for a, b in zip(outputs(model, "cls", x), outputs(pruned, "cls", x)):
@@ -107,7 +107,7 @@ def test_removing_unused_experts_with_top2_is_bit_exact():
 def test_single_expert_layer_becomes_a_plain_mlp():
     cfg = make_cfg()
     model = trained_like(cfg)
-    plan = {name: [2] for name in mlp_layers(model.backbone)}
+    plan = {name: [2] for name in model.backbone.mlp_layers()}
     pruned, manifest = extract(model.state_dict(), cfg, model.backbone, ["cls"], plan)
     assert not list(pruned.backbone.routed_layers())
     assert manifest.experts_per_block() == {1: 1, 3: 1}
