@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moevit.config import load_config
     from moevit.parallel.collectives import is_main_process
     from moevit.parallel.setup import shutdown_distributed
-    from moevit.train.loop import run_evaluation
+    from moevit.train.eval_checkpoint import run_evaluation
     from moevit.train.preflight import build_checked_model
 
     cfg = load_config(args.config, args.overrides)

@@ -1,0 +1,75 @@
+"""What a training checkpoint carries besides the engine's weights and optimizer: the loop's own state.
+
+`TrainState` holds the stateful pieces of the loop (the multi-task loader, the loss balancer, the
+expert-usage counters and the step's non-finite and MI bookkeeping) and is the one place that lists
+the checkpoint's client-state keys (moevit.parallel.checkpoint saves them per rank as JSON). DeepSpeed
+saves none of this; without it a resumed run would redraw samples, reweigh tasks and restart its RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moevit.config.schema import Config
+from moevit.data.multitask import MultiTaskLoader
+from moevit.parallel.checkpoint import capture_rng_state, restore_rng_state
+from moevit.parallel.env import DistributedEnv
+from moevit.train.balancing import LossBalancer, build_balancer
+from moevit.train.loader import build_train_loader
+from moevit.train.step import MultiTaskStep
+from moevit.train.usage_plots import ExpertUsage
+
+
+@dataclass
+class TrainState:
+    loader: MultiTaskLoader
+    balancer: LossBalancer
+    usage: ExpertUsage
+    train_step: MultiTaskStep
+
+    def client_state(self, step: int) -> dict[str, Any]:
+        """This rank's loop state after `step` (JSON-able), RNG streams included."""
+        return {
+            "step": step,
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "balancer": self.balancer.state_dict(),
+            "usage": self.usage.state_dict(),
+            "nonfinite": self.train_step.state_dict(),
+            "task_expert_mass": self.train_step.task_expert_mass.state_dict(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Restores what `client_state` saved; returns the step it was saved after."""
+        self.loader.load_state_dict(state["loader"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.usage.load_state_dict(state["usage"])
+        restore_rng_state(state["rng"])
+        # Keys added later than the format's first version: absent from older checkpoints.
+        if "nonfinite" in state:
+            self.train_step.load_state_dict(state["nonfinite"])
+        if "task_expert_mass" in state:
+            self.train_step.task_expert_mass.load_state_dict(state["task_expert_mass"])
+        return state["step"]
+
+
+def build_train_state(train_cfg: Config, engine, env: DistributedEnv, device: torch.device) -> TrainState:
+    """The loop's state for the tasks of `train_cfg` (moevit.config.schema.Config.training_view)."""
+    tasks = list(train_cfg.tasks)
+    loader = build_train_loader(train_cfg, env.rank, env.world_size)
+    balancer = build_balancer(
+        train_cfg.train.loss_balancing, {name: task.loss_weight for name, task in train_cfg.tasks.items()}
+    )
+    train_step = MultiTaskStep(
+        engine,
+        tasks,
+        train_cfg.aux_loss,
+        loader.expected_ratios(),
+        env.world_size,
+        device,
+        max_bad_steps=train_cfg.train.max_bad_steps,
+    )
+    return TrainState(loader, balancer, ExpertUsage(tasks), train_step)
