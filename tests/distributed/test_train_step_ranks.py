@@ -103,3 +103,40 @@ def test_two_ranks_equal_one_process_on_the_global_batch(run_workers):
         assert abs(mutual_information - reference.mutual_information) < 1e-6
         for name, value in reference_state.items():
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def run_round_robin(rank: int, world_size: int):
+    """Two one-task steps (shapes, then textures), each rank holding its share of the global batch."""
+    share = GLOBAL_BATCH // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    engine = AveragingEngine(make_model(), world_size)
+    step = MultiTaskStep(engine, list(TASKS), AUX, PRIOR, world_size, torch.device("cpu"))
+    results = []
+    for index, (task, (images, labels)) in enumerate(global_batches().items()):
+        plan = StepPlan(index, (TaskBatch(task, {"images": images[rows], "labels": labels[rows]}),))
+        results.append(step(plan, dict.fromkeys(TASKS, 1.0)).mutual_information)
+    state = {name: p.detach() for name, p in engine.module.named_parameters()}
+    return state, results, step.task_expert_mass.state_dict()
+
+
+def round_robin_worker():
+    dist.init_process_group("gloo")
+    try:
+        return run_round_robin(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_running_task_expert_estimate_is_the_all_rank_one(run_workers):
+    # The second step's MI takes shapes' row from the running estimate: on 2 ranks that row must be the
+    # all-rank sum (identical on both ranks), so the update equals one process on the global batches.
+    ranks = run_workers(round_robin_worker, WORLD_SIZE, TIMEOUT_S)
+    reference_state, reference_mi, reference_estimate = run_round_robin(rank=0, world_size=1)
+    assert reference_mi[0] == pytest.approx(0.0, abs=1e-7) and reference_mi[1] < -1e-4
+    for state, mutual_information, estimate in ranks:
+        assert mutual_information == pytest.approx(reference_mi, abs=1e-6)
+        assert estimate["seen"] == reference_estimate["seen"] == [True, True]
+        for got, expected in zip(estimate["rows"], reference_estimate["rows"], strict=True):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+        for name, value in reference_state.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
