@@ -43,9 +43,9 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
         "--usage",
         default="calib",
         choices=["calib", "counters", "auto"],
-        help="usage source: a calibration pass of the final model (default), the training counters (the "
-        "last window between evaluations: may include routing from before the tasks specialised), or "
-        "auto: counters if present, else calibration",
+        help="usage source: a calibration pass of the final model (default), the training counters (a "
+        "moving average of each task's routing, train.usage_ema_decay; runs written before it existed: "
+        "the last window between evaluations), or auto: counters if present, else calibration",
     )
     parser.add_argument(
         "--calib-batches", type=int, default=20, help="batches per task of the calibration pass"

@@ -211,6 +211,11 @@ class TrainConfig:
     # Consecutive steps with a NaN/inf loss on some rank (each skipped by all ranks together) that stop
     # training: a few are a bad batch, a run of them a diverged model. 0: never stop.
     max_bad_steps: int = 5
+    # Expert usage for pruning (moevit.train.usage_plots): an exponential moving average of each task's
+    # routed slots per expert, as Mod-Squad keeps; the weight of the old value at each step that trains
+    # the task. 0.9 averages about the last 10 such steps: the routing of the model as it ends, not of
+    # the early steps before the tasks specialised.
+    usage_ema_decay: float = 0.9
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
@@ -224,6 +229,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        if not 0 <= self.usage_ema_decay < 1:
+            raise ValueError(f"usage_ema_decay must be in [0, 1), got {self.usage_ema_decay}")
 
 
 @dataclass

@@ -38,7 +38,7 @@ from moevit.config.schema import (
 )
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
-from moevit.models.param_names import is_mlp_layer, parse_key
+from moevit.models.param_names import parse_key
 
 EXPERT_INITS = ("copy", "fresh")
 _TASK_FORMAT = {task_type: fmt for fmt, task_type in FORMAT_TASK_TYPE.items()}
@@ -192,16 +192,6 @@ def expand_state_dict(
     if unused:
         raise ValueError(f"source tensors without a place in the expanded model: {unused[:5]}")
     return out
-
-
-def gate_usage(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
-    """{layer: {task: counts}} from the gates' usage buffers (rank 0's share under expert parallelism)."""
-    usage: dict[str, dict[str, list[int]]] = {}
-    for key, value in state.items():
-        name = parse_key(key)
-        if name.kind == "gate_usage" and is_mlp_layer(name.layer):
-            usage.setdefault(name.layer, {})[name.task] = value.tolist()
-    return usage
 
 
 @torch.no_grad()

@@ -16,13 +16,11 @@ from moevit.continual.expand import (
     check_old_tasks_unchanged,
     expanded_config,
     experts_per_layer,
-    gate_usage,
     new_task_config,
 )
 from moevit.continual.freeze import freeze_for_continual
 from moevit.continual.manifest import CONFIG_FILE, WEIGHTS_FILE, write_expand_manifest
-from moevit.prune.source import load_source
-from moevit.prune.usage import has_counts, usage_from_run
+from moevit.prune.source import gather_usage, load_source
 
 
 def read_settings(path: str | Path) -> dict[str, Any]:
@@ -64,9 +62,8 @@ def run_expand(
 
     usage, usage_origin = None, None
     if expert_init == "copy":
-        usage, usage_origin = usage_from_run(source.run_root, source.tag)
-        if not has_counts(usage, list(source.cfg.tasks)):
-            usage, usage_origin = gate_usage(source.state), "the gates' usage buffers in the checkpoint"
+        # The run's counters when it kept them for every old task, else a calibration pass.
+        usage, usage_origin = gather_usage(source, list(source.cfg.tasks), mode="auto")
     model, copied_from = build_expanded(
         cfg, source.model, source.state, task, new_experts, expert_init, usage
     )

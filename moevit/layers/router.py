@@ -93,7 +93,7 @@ def expert_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
 
 
 class TaskGate(nn.Module):
-    """A task's gate in one MoE layer, with the usage counter that the pruner reads.
+    """A task's gate in one MoE layer: one row of weights per expert the task can reach.
 
     Args:
         dim: token width.
@@ -103,8 +103,13 @@ class TaskGate(nn.Module):
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, dim))
-        # int64 so that `model.to(torch.bfloat16)` (DeepSpeed's bf16 mode) cannot round the counts.
-        self.register_buffer("usage", torch.zeros(num_experts, dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints and model directories written before 2026-12-06 also hold an int64 `usage` counter
+        # per gate; expert usage is now counted once, by the training loop (moevit.train.usage_plots).
+        # Dropped here, so those files still load strictly.
+        state_dict.pop(prefix + "usage", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, num_experts={self.weight.shape[0]}"
@@ -171,8 +176,6 @@ class TaskRouter(nn.Module):
             weights_TK = selected_logits_TK.softmax(dim=-1)
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
         counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=self.num_experts)
-        if self.training:
-            gate.usage += counts_E[:routable]
         probs_sum_E = probs_TE.sum(dim=0)
         if routable < self.num_experts:  # the experts this task cannot reach got no probability
             probs_sum_E = F.pad(probs_sum_E, (0, self.num_experts - routable))

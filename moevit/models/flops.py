@@ -203,7 +203,7 @@ def _balanced_eval(model: MoEViT, head: nn.Module | None) -> Iterator[None]:
 
     Routing shapes depend on the data; forced-balanced routing gives every token exactly K
     rows, which is what the analytic count assumes (and dropless routing always does). Eval
-    mode keeps usage counters still and dropout out of the trace.
+    mode keeps dropout out of the trace.
     """
     modules = [*model.modules(), *(head.modules() if head is not None else ())]
     training = {module: module.training for module in modules}

@@ -277,18 +277,6 @@ class MoEViT(nn.Module):
         for name, module in self.routed_layers():
             yield name, module.router
 
-    def expert_usage(self) -> dict[str, dict[str, list[int]]]:
-        """Tokens routed to each expert during training: {layer: {task: counts per expert}}."""
-        return {
-            name: {task: gate.usage.tolist() for task, gate in router.gates.items()}
-            for name, router in self.routers()
-        }
-
-    def reset_expert_usage(self) -> None:
-        for _, router in self.routers():
-            for gate in router.gates.values():
-                gate.usage.zero_()
-
     def set_force_balanced_routing(self, enabled: bool) -> None:
         """Round-robin routing (tests): every expert gets tokens, every parameter a gradient."""
         for _, router in self.routers():

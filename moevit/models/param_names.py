@@ -13,13 +13,15 @@ Names of a bare `MoEViT` carry no prefix; those of a `MultiTaskModel` carry `bac
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 BACKBONE = "backbone."  # MultiTaskModel's name for its MoEViT
 
 Kind = Literal["expert", "gate", "gate_usage", "task_embedding", "dense_mlp", "head", "other"]
-TASK_KINDS = ("gate", "gate_usage", "task_embedding", "head")  # the kinds that belong to one task
 
 _MLP_LAYER = re.compile(r"blocks\.(\d+)\.mlp")
 _BACKBONE_PATTERNS: tuple[tuple[Kind, re.Pattern], ...] = (
@@ -36,8 +38,9 @@ _HEAD = re.compile(r"heads\.(?P<task>[^.]+)\..+")
 class ParamName:
     """What one state-dict key names.
 
-    kind: expert (stacked (E, ...) tensor of an MoE MLP), gate (a task's router weight), gate_usage (its
-        int64 usage counter), task_embedding, dense_mlp (a plain MLP's linear), head, or other.
+    kind: expert (stacked (E, ...) tensor of an MoE MLP), gate (a task's router weight), gate_usage (the
+        int64 usage counter gates held in files written before 2026-12-06; see `without_legacy_keys`),
+        task_embedding, dense_mlp (a plain MLP's linear), head, or other.
     layer: the module that holds it, unprefixed (`blocks.3.mlp`, `blocks.1.attn`), for experts, gates
         and dense MLPs.
     task: the task it belongs to, for gates, usage counters, task embeddings and heads.
@@ -67,6 +70,12 @@ def parse_key(key: str, prefix: str = BACKBONE) -> ParamName:
 def task_of(key: str, prefix: str = BACKBONE) -> str | None:
     """The task a key belongs to (its gate, usage counter, task embedding or head); None when shared."""
     return parse_key(key, prefix).task
+
+
+def without_legacy_keys(state: Mapping[str, torch.Tensor], prefix: str = BACKBONE) -> dict[str, torch.Tensor]:
+    """`state` without what earlier versions saved and the model no longer has (the gates' usage
+    counters), for code that maps state dicts key by key; `load_state_dict` drops them by itself."""
+    return {key: value for key, value in state.items() if parse_key(key, prefix).kind != "gate_usage"}
 
 
 def expert_key(layer: str, part: str, prefix: str = BACKBONE) -> str:

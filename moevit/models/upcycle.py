@@ -79,7 +79,7 @@ def upcycle_timm_vit(
         else:
             state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
-    new_in_moe = ("gate", "gate_usage", "task_embedding")  # the routers' state: nothing dense to copy
+    new_in_moe = ("gate", "task_embedding")  # the routers' weights: nothing dense to copy
     missing = [key for key in missing if parse_key(key, prefix="").kind not in new_in_moe]
     if missing or unexpected:
         raise ValueError(f"dense ViT does not map onto MoEViT: missing {missing}, unexpected {unexpected}")

@@ -133,6 +133,12 @@ def read_client_state(run_dir: str | os.PathLike, tag: str, rank: int = 0) -> di
     return json.loads(_client_state_path(checkpoint_root(run_dir), tag, rank).read_text())
 
 
+def read_client_states(run_dir: str | os.PathLike, tag: str) -> list[dict]:
+    """Every rank's client state of complete checkpoint `tag`, in rank order."""
+    marker = json.loads((checkpoint_root(run_dir) / tag / COMPLETE_FILE).read_text())
+    return [read_client_state(run_dir, tag, rank) for rank in range(marker["world_size"])]
+
+
 def _complete_tags(root: Path) -> list[tuple[int, str]]:
     """(step, tag) of every complete checkpoint, oldest first."""
     found = []

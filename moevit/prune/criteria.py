@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from moevit.prune.usage import Usage
+from moevit.artifacts.usage import Usage
 
 Plan = dict[str, list[int]]
 

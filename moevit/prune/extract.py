@@ -130,7 +130,7 @@ def _source_value(
     name = parse_key(key)
     if name.kind == "expert" and key in source:
         return source[key][list(plan[name.layer])]
-    if name.kind in ("gate", "gate_usage") and is_mlp_layer(name.layer) and key in source:
+    if name.kind == "gate" and is_mlp_layer(name.layer) and key in source:
         rows = source[key].shape[0]  # a restricted task's gate has rows for its first n experts only
         return source[key][[i for i in plan[name.layer] if i < rows]]
     if name.kind == "dense_mlp" and key not in source:  # a single kept expert became a plain MLP

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from moevit.artifacts.model_dir import Manifest, build_from_manifest
+from moevit.artifacts.usage import Usage
 from moevit.models.multitask import MultiTaskModel
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, Plan, select_experts
 from moevit.prune.extract import check_tasks, extract, make_manifest, write_pruned
 from moevit.prune.report import pruning_report
 from moevit.prune.source import Source, evaluate_on_cpu
-from moevit.prune.usage import Usage
 
 
 def reference_model(source: Source, tasks: list[str]) -> MultiTaskModel:

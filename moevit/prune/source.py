@@ -14,15 +14,17 @@ import torch
 
 from moevit.artifacts.checkpoints import CheckpointRef, resolve_checkpoint
 from moevit.artifacts.run_dir import RunDir
+from moevit.artifacts.usage import Usage, has_counts, usage_from_run
 from moevit.config import load_config
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
 from moevit.eval import evaluate
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
+from moevit.models.param_names import without_legacy_keys
 from moevit.parallel.checkpoint import consolidated_state_dict
 from moevit.prune.extract import restricted_tasks
-from moevit.prune.usage import Usage, calibrate_usage, has_counts, usage_from_run
+from moevit.prune.usage import calibrate_usage
 
 
 @dataclass
@@ -62,7 +64,7 @@ def load_source(checkpoint: str, config: str | None = None, overrides: list[str]
         model = build_model(cfg)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(config_path), f"the model cannot be built: {err}") from None
-    state = consolidated_state_dict(ref.directory)
+    state = without_legacy_keys(consolidated_state_dict(ref.directory))
     model.load_state_dict(state)
     return Source(cfg, model.eval(), state, ref.run_root, ref.tag)
 

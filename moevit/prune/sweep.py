@@ -13,12 +13,12 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from moevit.artifacts.usage import Usage
 from moevit.prune.criteria import Criterion
 from moevit.prune.extract import check_tasks
 from moevit.prune.report import model_figures
 from moevit.prune.run import make_plan, prune_to
 from moevit.prune.source import Source, evaluate_on_cpu
-from moevit.prune.usage import Usage
 
 MAIN_METRIC = {"classification": "top1", "detection": "bbox_mAP", "segmentation": "mIoU"}
 

@@ -72,4 +72,4 @@ def build_train_state(train_cfg: Config, engine, env: DistributedEnv, device: to
         device,
         max_bad_steps=train_cfg.train.max_bad_steps,
     )
-    return TrainState(loader, balancer, ExpertUsage(tasks), train_step)
+    return TrainState(loader, balancer, ExpertUsage(tasks, train_cfg.train.usage_ema_decay), train_step)

@@ -43,7 +43,7 @@ from moevit.layers import load_balance_loss, mean_mutual_information_loss, route
 from moevit.layers.router import Routing
 from moevit.parallel.collectives import all_reduce_sum, rank
 from moevit.train.errors import NonFiniteLossError
-from moevit.train.task_expert_estimate import RunningTaskExpertMass
+from moevit.train.task_expert_estimate import RunningTaskRows
 
 
 @dataclass
@@ -99,7 +99,7 @@ class MultiTaskStep:
         self.max_bad_steps = max_bad_steps
         self.skipped_steps = 0
         self.consecutive_skipped = 0
-        self.task_expert_mass = RunningTaskExpertMass(self.tasks, aux_loss.mutual_information_decay)
+        self.task_expert_mass = RunningTaskRows(self.tasks, aux_loss.mutual_information_decay)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "consecutive_skipped": self.consecutive_skipped}

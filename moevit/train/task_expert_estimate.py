@@ -1,21 +1,22 @@
-"""A running estimate of the task-expert statistics A[t, e], so the MI loss works when a step trains
-only some tasks.
+"""Running per-task rows of a task x expert table: the MI loss's estimate of A[t, e], so the loss works
+when a step trains only some tasks, and the training loop's moving average of expert usage.
 
 Mod-Squad's mutual-information loss needs every task's row of A[t, e] (router probability mass that
 task t's tokens gave expert e) in the same matrix: I(T; E) of a matrix with one non-empty row is 0, and
 so is its gradient. Per-dataset sampling (`train.sampling.strategy: weighted` or `round_robin`) trains
 one task per step, so each step would see one row and the routers would get no specialisation pressure.
 
-`RunningTaskExpertMass` keeps, per MoE layer, an exponential moving average of each task's all-rank row,
-updated only when that task trains. A step's MI loss takes the current, differentiable rows of the tasks
+`RunningTaskRows` keeps, per MoE layer, an exponential moving average of each task's row, updated only
+when that task trains. For the MI loss the rows are all-rank sums of router probability mass. A step's MI loss takes the current, differentiable rows of the tasks
 it trained and the running rows, detached, of the others: the trained tasks' routers then get the
 gradient of the full I(T; E). When a step trains every task (`strategy: all`) no running row is used
 and the loss is exactly the single-step one.
 
 The decay counts updates of a task's row, not steps, so a rarely sampled task keeps the same window in
-samples as a frequent one. The rows are all-rank sums (identical on every rank), so the estimate needs
-no collective of its own and every rank's copy stays equal; it is saved in the checkpoint's client
-state, which keeps resume exact.
+samples as a frequent one. The MI rows are all-rank sums (identical on every rank), so that estimate
+needs no collective of its own and every rank's copy stays equal. The average is linear in the rows,
+so per-rank averages of per-rank counts (moevit.train.usage_plots) sum to the average of the all-rank
+counts. Either is saved in the checkpoint's client state, which keeps resume exact.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 import torch
 
 
-class RunningTaskExpertMass:
-    """Per MoE layer, an EMA of each task's row of A[t, e].
+class RunningTaskRows:
+    """Per MoE layer, an EMA of each task's row of a (tasks, experts) table.
 
     Args:
         tasks: the rows, in the order of the step's matrices.

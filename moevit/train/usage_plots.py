@@ -1,11 +1,18 @@
-"""Per-task, per-layer expert usage between evaluations: counted during training, saved as JSON and drawn
-as one task x expert heatmap per MoE layer (the kind of figure Mod-Squad uses to show task specialisation).
+"""Per-task, per-layer expert usage, counted once, by the training loop: the counts between evaluations,
+saved as JSON and drawn as one task x expert heatmap per MoE layer (the kind of figure Mod-Squad uses
+to show task specialisation), and a moving average of them, which pruning reads.
 
 Counts are routed token slots (each of a token's k choices counts once), summed over all ranks when
 written. Files, for the evaluation after step S:
 
-    plots/usage_step{S:07d}.json             {"step", "since_step", "layers": {layer: {task: [count per expert]}}}
+    plots/usage_step{S:07d}.json             {"step", "since_step", "layers": {layer: {task: [count per expert]}},
+                                              "ema_decay", "ema": {layer: {task: [average count per expert]}}}
     plots/usage_step{S:07d}_{layer}.png       rows: tasks, columns: experts, cells: % of the task's slots
+
+The average (`train.usage_ema_decay`) is each rank's exponential moving average of its own counts,
+updated at every step that trains the task; it is linear in the counts and every rank trains the same
+tasks at the same steps, so the sum over ranks is the average of the all-rank counts. Each rank's
+average is in its checkpoint client state (moevit.artifacts.usage reads and sums them).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from moevit.parallel.collectives import all_reduce_sum
+from moevit.train.task_expert_estimate import RunningTaskRows
 
 
 class ExpertUsage:
@@ -26,12 +34,15 @@ class ExpertUsage:
 
     Args:
         tasks: every task, in config order (the table rows).
+        ema_decay: weight of the old average at each step that trains a task.
     """
 
-    def __init__(self, tasks: Sequence[str]):
+    def __init__(self, tasks: Sequence[str], ema_decay: float):
         self.tasks = list(tasks)
         self.counts: dict[str, torch.Tensor] = {}
         self.since_step = 0
+        self.ema = RunningTaskRows(self.tasks, ema_decay)
+        self.ema_layers: list[str] = []  # the layers of the average's rows, in forward order
 
     def add(self, expert_counts: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Adds one step's counts: layer -> task -> (experts,) tokens routed."""
@@ -43,6 +54,17 @@ class ExpertUsage:
                         len(self.tasks), counts_E.numel(), dtype=torch.int64
                     )
                 table[self.tasks.index(task)] += counts_E.to(torch.int64).cpu()
+        if not expert_counts:
+            return
+        # This step's counts as (tasks, experts) tables, zero rows for the tasks it did not train.
+        self.ema_layers = list(expert_counts)
+        step_tables = []
+        for layer in self.ema_layers:
+            table = torch.zeros(self.counts[layer].shape)
+            for task, counts_E in expert_counts[layer].items():
+                table[self.tasks.index(task)] = counts_E.float().cpu()
+            step_tables.append(table)
+        self.ema.update(step_tables, trained=set(next(iter(expert_counts.values()))))
 
     def reduce_and_reset(self, step: int, device: torch.device) -> dict[str, Any]:
         """The all-rank counts since the last reset (a collective: every rank calls it), then starts over."""
@@ -60,19 +82,43 @@ class ExpertUsage:
                 layer: dict(zip(self.tasks, table.view_as(self.counts[layer]).tolist()))
                 for layer, table in zip(layers, tables)
             },
+            "ema_decay": self.ema.decay,
+            "ema": self.reduced_average(device),
         }
         self.counts = {}
         self.since_step = step
         return report
 
+    def reduced_average(self, device: torch.device) -> dict[str, dict[str, list[float]]]:
+        """The all-rank moving average {layer: {task: [slots per expert]}} (a collective: every rank
+        calls it); tasks that never trained are left out."""
+        if not self.ema.rows_LTE:
+            return {}
+        shapes = [rows_TE.shape for rows_TE in self.ema.rows_LTE]
+        local = torch.cat([rows_TE.flatten() for rows_TE in self.ema.rows_LTE]).double().to(device)
+        summed = all_reduce_sum(local).cpu().split([rows_TE.numel() for rows_TE in self.ema.rows_LTE])
+        seen = [task for task, seen in zip(self.tasks, self.ema.seen_T.tolist()) if seen]
+        average = {}
+        for layer, flat, shape in zip(self.ema_layers, summed, shapes):
+            rows = flat.view(shape).tolist()
+            average[layer] = {task: rows[self.tasks.index(task)] for task in seen}
+        return average
+
     def state_dict(self) -> dict[str, Any]:
-        return {"since_step": self.since_step, "counts": {k: v.tolist() for k, v in self.counts.items()}}
+        return {
+            "since_step": self.since_step,
+            "counts": {k: v.tolist() for k, v in self.counts.items()},
+            "ema": {"layers": self.ema_layers, **self.ema.state_dict()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.since_step = state["since_step"]
         self.counts = {
             layer: torch.tensor(rows, dtype=torch.int64) for layer, rows in state["counts"].items()
         }
+        if "ema" in state:  # absent from checkpoints written before the average existed
+            self.ema_layers = list(state["ema"]["layers"])
+            self.ema.load_state_dict(state["ema"])
 
 
 def write_usage_report(plots_dir: Path, report: Mapping[str, Any]) -> list[Path]:

@@ -167,7 +167,6 @@ def test_fvcore_count_restores_routing_and_training_state():
     fvcore_flops(model, 32, "a")
     assert model.training and not model.blocks[0].training and model.blocks[1].training
     assert all(not router.force_balanced for _, router in model.routers())
-    assert all(sum(usage) == 0 for layer in model.expert_usage().values() for usage in layer.values())
     model.set_force_balanced_routing(True)
     fvcore_flops(model, 32, "a")
     assert all(router.force_balanced for _, router in model.routers())

@@ -2,11 +2,13 @@
 renamed module fails here, not in pruning, continual learning or fine-tuning at run time."""
 
 import pytest
+import torch
 
 from moevit.heads import build_head
 from moevit.models import create_model
 from moevit.models.multitask import MultiTaskModel
 from moevit.models.param_names import (
+    ParamName,
     expert_key,
     expert_part_of_dense,
     is_mlp_layer,
@@ -14,6 +16,7 @@ from moevit.models.param_names import (
     parse_key,
     task_of,
     with_task,
+    without_legacy_keys,
 )
 
 TASKS = ["cls", "seg"]
@@ -29,7 +32,7 @@ def test_every_key_of_a_multitask_model_is_classified():
     model = multitask_model()
     names = {key: parse_key(key) for key in model.state_dict()}
     kinds = {name.kind for name in names.values()}
-    assert kinds == {"expert", "gate", "gate_usage", "task_embedding", "dense_mlp", "head", "other"}
+    assert kinds == {"expert", "gate", "task_embedding", "dense_mlp", "head", "other"}
     moe_layers = {name for name, _ in model.backbone.routed_layers() if is_mlp_layer(name)}
     assert {n.layer for n in names.values() if n.kind == "expert"} == moe_layers
     # Each MoE MLP layer has one gate per task; the attention experts' routers are gates too.
@@ -39,7 +42,7 @@ def test_every_key_of_a_multitask_model_is_classified():
     for key, name in names.items():
         if name.kind == "other":
             assert ".router." not in key and "task_embed" not in key and ".experts." not in key, key
-        if name.kind in ("gate", "gate_usage", "task_embedding", "head"):
+        if name.kind in ("gate", "task_embedding", "head"):
             assert name.task in TASKS and task_of(key) == name.task
         else:
             assert task_of(key) is None
@@ -52,7 +55,7 @@ def test_names_the_adapter_spells_are_the_models():
         name = parse_key(key)
         if name.kind == "expert":
             assert expert_key(name.layer, name.part) == key
-        if name.kind in ("gate", "gate_usage", "task_embedding"):
+        if name.kind in ("gate", "task_embedding"):
             other = "seg" if name.task == "cls" else "cls"
             assert with_task(key, other) in keys  # the same parameter of the other task
         if name.kind == "dense_mlp":  # the same block as an MoE layer stores this linear as
@@ -69,3 +72,11 @@ def test_layer_names():
         mlp_layer_index("blocks.1.attn")
     with pytest.raises(ValueError, match="belongs to no task"):
         with_task("backbone.blocks.1.mlp.experts.fc1_weight", "cls")
+
+
+def test_legacy_usage_counters_are_recognised_and_dropped():
+    key = "backbone.blocks.1.mlp.router.gates.cls.usage"  # what files written before 2026-12-06 hold
+    assert parse_key(key) == ParamName("gate_usage", "blocks.1.mlp", "cls")
+    assert without_legacy_keys({key: torch.zeros(2), "backbone.norm.weight": torch.ones(2)}).keys() == {
+        "backbone.norm.weight"
+    }

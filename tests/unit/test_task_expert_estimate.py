@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moevit.layers import mutual_information_loss
-from moevit.train.task_expert_estimate import RunningTaskExpertMass
+from moevit.train.task_expert_estimate import RunningTaskRows
 
 TASKS = ["cls", "det", "seg"]
 
@@ -16,7 +16,7 @@ def rows(*values) -> torch.Tensor:
 
 
 def test_first_row_is_taken_as_is_then_decays_only_when_the_task_trains():
-    estimate = RunningTaskExpertMass(TASKS, decay=0.75)
+    estimate = RunningTaskRows(TASKS, decay=0.75)
     estimate.update([rows([4.0, 0.0], [0.0, 0.0], [0.0, 0.0])], trained={"cls"})
     assert estimate.rows_LTE[0].tolist() == [[4.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
     assert estimate.seen_T.tolist() == [True, False, False]
@@ -30,7 +30,7 @@ def test_first_row_is_taken_as_is_then_decays_only_when_the_task_trains():
 
 
 def test_complete_fills_only_the_rows_of_tasks_that_did_not_train_and_detaches_them():
-    estimate = RunningTaskExpertMass(TASKS, decay=0.5)
+    estimate = RunningTaskRows(TASKS, decay=0.5)
     estimate.update([rows([1.0, 2.0], [3.0, 4.0], [0.0, 0.0])], trained={"cls", "det"})
     current = rows([0.0, 0.0], [7.0, 8.0], [0.0, 0.0]).requires_grad_()
     (completed,) = estimate.complete([current * 1.0], trained={"det"})
@@ -41,7 +41,7 @@ def test_complete_fills_only_the_rows_of_tasks_that_did_not_train_and_detaches_t
 
 
 def test_a_step_that_trains_every_task_gets_its_own_matrices_back():
-    estimate = RunningTaskExpertMass(TASKS, decay=0.5)
+    estimate = RunningTaskRows(TASKS, decay=0.5)
     estimate.update([rows([1.0, 2.0], [3.0, 4.0], [5.0, 6.0])], trained=set(TASKS))
     current = [rows([9.0, 9.0], [9.0, 9.0], [9.0, 9.0])]
     assert estimate.complete(current, trained=set(TASKS))[0] is current[0]
@@ -53,7 +53,7 @@ def test_gradient_reaching_a_trained_task_equals_the_full_matrix_mi_gradient():
     logits = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
     prior = torch.tensor([0.5, 0.5])
 
-    estimate = RunningTaskExpertMass(["cls", "det"], decay=0.5)
+    estimate = RunningTaskRows(["cls", "det"], decay=0.5)
     estimate.update([torch.stack([cls_row, torch.zeros(3)])], trained={"cls"})
     step_matrix = torch.stack([torch.zeros(3), 8 * logits.softmax(0)])
     (completed,) = estimate.complete([step_matrix], trained={"det"})
@@ -71,13 +71,13 @@ def test_gradient_reaching_a_trained_task_equals_the_full_matrix_mi_gradient():
 
 
 def test_state_round_trips_exactly_through_json():
-    estimate = RunningTaskExpertMass(TASKS, decay=0.9)
+    estimate = RunningTaskRows(TASKS, decay=0.9)
     generator = torch.Generator().manual_seed(0)
     for trained in ({"cls"}, {"det", "seg"}, {"cls"}):
         matrices = [torch.rand(3, 4, generator=generator) * 100, torch.rand(3, 2, generator=generator)]
         estimate.update(matrices, trained)
 
-    restored = RunningTaskExpertMass(TASKS, decay=0.9)
+    restored = RunningTaskRows(TASKS, decay=0.9)
     restored.load_state_dict(json.loads(json.dumps(estimate.state_dict())))
     assert torch.equal(restored.seen_T, estimate.seen_T)
     for a, b in zip(restored.rows_LTE, estimate.rows_LTE, strict=True):
@@ -85,12 +85,12 @@ def test_state_round_trips_exactly_through_json():
 
 
 def test_state_of_other_tasks_is_refused():
-    estimate = RunningTaskExpertMass(["cls", "det"], decay=0.5)
+    estimate = RunningTaskRows(["cls", "det"], decay=0.5)
     with pytest.raises(ValueError, match="covers tasks"):
-        estimate.load_state_dict(RunningTaskExpertMass(TASKS, decay=0.5).state_dict())
+        estimate.load_state_dict(RunningTaskRows(TASKS, decay=0.5).state_dict())
 
 
 @pytest.mark.parametrize("decay", [-0.1, 1.0])
 def test_decay_outside_zero_one_is_refused(decay):
     with pytest.raises(ValueError, match="decay"):
-        RunningTaskExpertMass(TASKS, decay)
+        RunningTaskRows(TASKS, decay)

@@ -16,7 +16,6 @@ from moevit.continual.expand import (
     check_old_tasks_unchanged,
     expanded_config,
     experts_per_layer,
-    gate_usage,
     new_task_config,
     rank_experts,
 )
@@ -73,7 +72,9 @@ def expand(source, new_experts: int = 2, init: str = "copy"):
     new_cfg = expanded_config(
         cfg, old, "new", new_task_config("classification", 5, "unused", SIZE, 4), new_experts, "x"
     )
-    usage = gate_usage(state) if init == "copy" else None
+    # No usage recorded: every expert ties, so copies start from the lowest ids.
+    zeros = {layer: dict.fromkeys(cfg.tasks, [0] * old) for layer in model.backbone.mlp_layers()}
+    usage = zeros if init == "copy" else None
     expanded, copied_from = build_expanded(new_cfg, model, state, "new", new_experts, init, usage)
     return new_cfg, expanded, copied_from
 
