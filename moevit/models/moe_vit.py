@@ -23,6 +23,7 @@ from moevit.layers.moe_attention import MoEAttention
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.layers.router import Routing, TaskRouter
 from moevit.models.block import TaskBlock, routes_tasks
+from moevit.models.layer_specs import moe_mlp_specs
 from moevit.models.placement import resolve_moe_layers
 
 
@@ -31,30 +32,6 @@ class BackboneOutput:
     tokens: torch.Tensor  # (B, prefix + N, D), after the final norm
     intermediates: list[torch.Tensor] = field(default_factory=list)  # (B, D, H, W) per requested block
     routing: dict[str, Routing] = field(default_factory=dict)  # "blocks.3.mlp" -> its routing
-
-
-def _experts_per_layer(num_experts: int | Mapping[int, int], moe_layers: list[int]) -> dict[int, int]:
-    """{block index: experts} for every MoE block; a mapping must name exactly the MoE blocks."""
-    if not isinstance(num_experts, Mapping):
-        return {i: num_experts for i in moe_layers}
-    per_layer = {int(i): int(e) for i, e in num_experts.items()}
-    if sorted(per_layer) != moe_layers:
-        raise ValueError(f"num_experts names blocks {sorted(per_layer)}, but the MoE blocks are {moe_layers}")
-    bad = {i: e for i, e in per_layer.items() if e < 1}
-    if bad:
-        raise ValueError(f"num_experts per block must be >= 1, got {bad}")
-    return per_layer
-
-
-def _task_experts_of_block(task_experts: Mapping[str, int | Mapping[int, int]], block: int) -> dict[str, int]:
-    """The `task -> n` restrictions of one MoE block (per-block forms that skip it: no restriction)."""
-    restricted = {}
-    for task, n in task_experts.items():
-        if not isinstance(n, Mapping):
-            restricted[task] = int(n)
-        elif block in n:
-            restricted[task] = int(n[block])
-    return restricted
 
 
 class MoEViT(nn.Module):
@@ -124,20 +101,7 @@ class MoEViT(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
         expert_hidden = expert_hidden or int(embed_dim * mlp_ratio)
-        experts_per_layer = _experts_per_layer(num_experts, self.moe_layer_indices)
-        task_experts = {
-            task: {int(i): n for i, n in v.items()} if isinstance(v, Mapping) else v
-            for task, v in (task_experts or {}).items()
-        }
-        unknown = sorted(set(task_experts) - set(self.tasks))
-        if unknown:
-            raise ValueError(f"task_experts names {unknown}, which are not tasks of the model ({self.tasks})")
-        for task, per_block in task_experts.items():
-            if isinstance(per_block, Mapping) and not set(per_block) <= set(self.moe_layer_indices):
-                raise ValueError(
-                    f"task_experts[{task!r}] names blocks {sorted(per_block)}; the MoE blocks are "
-                    f"{self.moe_layer_indices}"
-                )
+        mlp_specs = moe_mlp_specs(self.moe_layer_indices, num_experts, top_k, self.tasks, task_experts)
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -160,20 +124,20 @@ class MoEViT(nn.Module):
         self.blocks = nn.ModuleList()
         for i in range(depth):
             block = TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path[i])
-            if i in self.moe_layer_indices:
-                layer_experts = experts_per_layer[i]
-                if isinstance(num_experts, Mapping) and layer_experts == 1:
-                    block.mlp = Mlp(embed_dim, expert_hidden)
-                else:
-                    layer_top_k = min(top_k, layer_experts) if isinstance(num_experts, Mapping) else top_k
-                    block.mlp = MoEMlp(
+            spec = mlp_specs.get(i)
+            if spec is not None:
+                block.mlp = (
+                    Mlp(embed_dim, expert_hidden)
+                    if spec.plain
+                    else MoEMlp(
                         embed_dim,
                         expert_hidden,
-                        layer_experts,
-                        layer_top_k,
+                        spec.num_experts,
+                        spec.top_k,
                         self.tasks,
-                        task_experts=_task_experts_of_block(task_experts, i),
+                        task_experts=spec.task_experts,
                     )
+                )
                 if attention_experts:
                     block.attn = MoEAttention(
                         embed_dim,
