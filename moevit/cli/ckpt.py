@@ -36,10 +36,13 @@ def add_ckpt_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_reshard(args: argparse.Namespace) -> int:
     from moevit.artifacts.checkpoints import resolve_checkpoint
     from moevit.parallel.reshard import ReshardError, reshard_checkpoint, summarize
+    from moevit.train.state import reshard_client_states
 
     source = resolve_checkpoint(args.checkpoint, "moevit ckpt reshard")  # ConfigError: exit 2 in main
     try:
-        target, notes = reshard_checkpoint(source.directory, args.ep_size, args.out, args.world_size)
+        target, notes = reshard_checkpoint(
+            source.directory, args.ep_size, args.out, reshard_client_states, args.world_size
+        )
     except (ReshardError, FileNotFoundError) as err:
         print(f"moevit: error: {err}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ a collate function may put ``"num_skipped"`` into a dict batch; the loader sums 
 sum them over ranks for metrics, and save every rank's state to restore them exactly.
 """
 
+import copy
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from moevit.data.sampler import ResumableBatchSampler, ResumableDistributedSampler
+from moevit.data.sampler import ResumableBatchSampler, ResumableDistributedSampler, reshard_sampler_state
 from moevit.data.schedule import TaskSchedule
 
 
@@ -266,3 +267,22 @@ def _check_names(what: str, mapping: Mapping[str, Any], tasks: tuple[str, ...]) 
             f"MultiTaskLoader: {what} must name exactly the schedule's tasks {list(tasks)}; "
             f"unknown {unknown}, missing {missing}"
         )
+
+
+def reshard_loader_states(old: list[dict], new_world: int) -> tuple[list[dict], list[str]]:
+    """`MultiTaskLoader.state_dict()`s of every old rank, rewritten for `new_world` ranks (new rank q
+    starts from old rank q mod W), and notes on what could not be kept exactly. Each task's sampler
+    moves through the global sample stream (`reshard_sampler_state`); corrupt-sample counts move to
+    rank 0, so their sum is kept."""
+    notes = []
+    new_states = [copy.deepcopy(old[rank % len(old)]) for rank in range(new_world)]
+    for task, saved in old[0]["tasks"].items():
+        sampler, consumed, exact = reshard_sampler_state(saved["sampler"], new_world)
+        if not exact:
+            notes.append(f"task {task}: the sample stream resumes at the start of epoch {sampler['epoch']}")
+        skipped_total = sum(state["tasks"][task]["skipped"] for state in old)
+        for rank, state in enumerate(new_states):
+            task_state = state["tasks"][task]
+            task_state.update(sampler=sampler, samples_consumed=consumed)
+            task_state["skipped"] = skipped_total if rank == 0 else 0
+    return new_states, notes

@@ -151,3 +151,27 @@ class ResumableBatchSampler:
         indices = iter(self.sampler)
         while True:
             yield list(islice(indices, self.batch_size))
+
+
+def reshard_sampler_state(saved: dict, new_world: int) -> tuple[dict, int, bool]:
+    """A saved sampler state moved to `new_world` ranks reading the same global sample stream: (state,
+    samples consumed by the new rank, exact?).
+
+    Ranks read strided slices of one permutation per epoch, so the position converts through the
+    samples all ranks read together. Exact when the dataset and the samples read divide evenly over
+    both world sizes; otherwise the rest of the epoch is skipped (the stream restarts at the next one).
+    """
+    old_world, size = saved["world_size"], saved["dataset_size"]
+    new_per_epoch = -(-size // new_world)
+    epoch, position = saved["epoch"], saved["position"]
+    read = position * old_world  # samples of this epoch read by all ranks together
+    exact = position == 0 or (size % old_world == 0 and size % new_world == 0 and read % new_world == 0)
+    if exact:
+        position = read // new_world  # < new_per_epoch, since read < size
+    else:
+        epoch, position = epoch + 1, 0
+    return (
+        {**saved, "epoch": epoch, "position": position, "world_size": new_world},
+        epoch * new_per_epoch + position,
+        exact,
+    )

@@ -13,11 +13,8 @@ rewrites a complete checkpoint for ep_size Q and world size W' (`moevit ckpt res
   and biases in the no-decay group (moevit.parallel.engine.optimizer_param_groups). Global expert
   g = r * E/P + local index. Shapes are checked against the per-expert weight files;
 - weights, LR schedule and step counters are copied; the MoE groups are renamed `ep_size_<Q>`;
-- client state (moevit.parallel.checkpoint) is per rank: new rank q starts from old rank q mod W. Each
-  task's sampler position is converted through the global sample stream (ranks read strided slices of
-  one permutation per epoch), exact when the dataset and the samples read divide evenly over both world
-  sizes, else moved to the next epoch boundary (reported). Corrupt-sample counts move to rank 0 so their
-  sum is kept. RNG streams are per rank and cannot be continued exactly on another world size.
+- the per-rank client states are rewritten by the caller's function (the training loop's keys:
+  moevit.train.state.reshard_client_states) and written beside the rest.
 
 Only ZeRO stage 0 is supported: ZeRO 1/2 store flat fp32 partitions whose layout depends on the
 world size; such checkpoints are refused with a clear error. Every file is read with
@@ -30,6 +27,7 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,51 +177,23 @@ def reshard_optimizer(
     return new_states
 
 
-def _reshard_sampler(saved: dict, new_world: int) -> tuple[dict, int, bool]:
-    """(sampler state, samples consumed, exact?) for `new_world` ranks reading the same global stream."""
-    old_world, size = saved["world_size"], saved["dataset_size"]
-    new_per_epoch = -(-size // new_world)
-    epoch, position = saved["epoch"], saved["position"]
-    read = position * old_world  # samples of this epoch read by all ranks together
-    exact = position == 0 or (size % old_world == 0 and size % new_world == 0 and read % new_world == 0)
-    if exact:
-        position = read // new_world  # < new_per_epoch, since read < size
-    else:
-        epoch, position = epoch + 1, 0  # the rest of this epoch is skipped
-    return (
-        {**saved, "epoch": epoch, "position": position, "world_size": new_world},
-        (epoch * new_per_epoch + position),
-        exact,
-    )
-
-
-def reshard_client_states(old: list[dict], new_world: int) -> tuple[list[dict], list[str]]:
-    """Per-rank client states for `new_world` ranks, and notes on what could not be kept exactly."""
-    notes = []
-    if len(old) != new_world:
-        notes.append(f"RNG streams: new rank q continues old rank q mod {len(old)}'s (not bit-exact)")
-    new_states = [copy.deepcopy(old[rank % len(old)]) for rank in range(new_world)]
-    loaders = [state.get("loader") for state in old]
-    if loaders[0] is None:
-        return new_states, notes
-    for task, saved in loaders[0]["tasks"].items():
-        sampler, consumed, exact = _reshard_sampler(saved["sampler"], new_world)
-        if not exact:
-            notes.append(f"task {task}: the sample stream resumes at the start of epoch {sampler['epoch']}")
-        skipped_total = sum(loader["tasks"][task]["skipped"] for loader in loaders)
-        for rank, state in enumerate(new_states):
-            task_state = state["loader"]["tasks"][task]
-            task_state.update(sampler=sampler, samples_consumed=consumed)
-            task_state["skipped"] = skipped_total if rank == 0 else 0
-    return new_states, notes
+ClientStateResharder = Callable[[list[dict], int], tuple[list[dict], list[str]]]
 
 
 def reshard_checkpoint(
-    checkpoint: str | os.PathLike, ep_size: int, out_run_dir: str | os.PathLike, world_size: int | None = None
+    checkpoint: str | os.PathLike,
+    ep_size: int,
+    out_run_dir: str | os.PathLike,
+    reshard_client_states: ClientStateResharder,
+    world_size: int | None = None,
 ) -> tuple[Path, list[str]]:
     """Writes the checkpoint directory `checkpoint` (moevit.artifacts.checkpoints resolves a run dir to
     one) resharded for `ep_size` (and `world_size`, default ep_size) as the newest
     checkpoint of the run dir `out_run_dir`; returns its directory and notes on inexact parts.
+
+    The per-rank client states are the training loop's (their keys are its business, not this
+    package's): `reshard_client_states(old states, new world size)` returns the new ones and notes
+    (moevit.train.state.reshard_client_states).
 
     Resume from it with `moevit train CONFIG parallel.ep_size=<ep_size> --nproc <world_size> --resume OUT`.
     """

@@ -8,13 +8,14 @@ saves none of this; without it a resumed run would redraw samples, reweigh tasks
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moevit.config.schema import Config
-from moevit.data.multitask import MultiTaskLoader
+from moevit.data.multitask import MultiTaskLoader, reshard_loader_states
 from moevit.parallel.checkpoint import capture_rng_state, restore_rng_state
 from moevit.parallel.env import DistributedEnv
 from moevit.train.balancing import LossBalancer, build_balancer
@@ -73,3 +74,56 @@ def build_train_state(train_cfg: Config, engine, env: DistributedEnv, device: to
         max_bad_steps=train_cfg.train.max_bad_steps,
     )
     return TrainState(loader, balancer, ExpertUsage(tasks, train_cfg.train.usage_ema_decay), train_step)
+
+
+def reshard_client_states(
+    old: list[dict[str, Any]], new_world: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every old rank's client state rewritten for `new_world` ranks (`moevit ckpt reshard`), and notes
+    on what could not be kept exactly.
+
+    New rank q starts from old rank q mod W. The loader's sample streams move through the global stream
+    (moevit.data.multitask.reshard_loader_states). Expert-usage counts and their average are per-rank
+    shares of all-rank sums: rank 0 gets the totals, the others zeros, so the sums are kept. The step's
+    bookkeeping and the MI estimate are the same on every rank. RNG streams are per rank and cannot be
+    continued exactly on another world size.
+    """
+    notes = []
+    if len(old) != new_world:
+        notes.append(f"RNG streams: new rank q continues old rank q mod {len(old)}'s (not bit-exact)")
+    new_states = [copy.deepcopy(old[rank % len(old)]) for rank in range(new_world)]
+    if "loader" in old[0]:
+        loaders, loader_notes = reshard_loader_states([state["loader"] for state in old], new_world)
+        notes += loader_notes
+        for state, loader in zip(new_states, loaders):
+            state["loader"] = loader
+    if "usage" in old[0]:
+        totals = _summed_usage([state["usage"] for state in old])
+        for rank, state in enumerate(new_states):
+            state["usage"] = totals if rank == 0 else _zeroed_usage(totals)
+    return new_states, notes
+
+
+def _summed_usage(states: list[dict[str, Any]]) -> dict[str, Any]:
+    total = copy.deepcopy(states[0])
+    total["counts"] = {
+        layer: torch.tensor([s["counts"][layer] for s in states]).sum(0).tolist() for layer in total["counts"]
+    }
+    if "ema" in total and total["ema"]["rows"]:
+        total["ema"]["rows"] = [
+            torch.tensor([s["ema"]["rows"][i] for s in states], dtype=torch.float32).sum(0).tolist()
+            for i in range(len(total["ema"]["rows"]))
+        ]
+    return total
+
+
+def _zeroed_usage(total: dict[str, Any]) -> dict[str, Any]:
+    zeroed = copy.deepcopy(total)
+    zeroed["counts"] = {
+        layer: torch.zeros_like(torch.tensor(rows)).tolist() for layer, rows in total["counts"].items()
+    }
+    if "ema" in zeroed:
+        zeroed["ema"]["rows"] = [
+            torch.zeros(torch.tensor(rows).shape).tolist() for rows in total["ema"]["rows"]
+        ]
+    return zeroed

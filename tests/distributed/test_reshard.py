@@ -89,8 +89,9 @@ def reshard(checkpoint: Path, ep_size: int, out: Path) -> None:
     """The converter behind `moevit ckpt reshard` (its CLI runs in tests/fault/test_reshard_cli.py)."""
     from moevit.artifacts.checkpoints import resolve_checkpoint
     from moevit.parallel.reshard import reshard_checkpoint
+    from moevit.train.state import reshard_client_states
 
-    reshard_checkpoint(resolve_checkpoint(checkpoint).directory, ep_size, out)
+    reshard_checkpoint(resolve_checkpoint(checkpoint).directory, ep_size, out, reshard_client_states)
 
 
 def merged(per_rank: list[dict], key: str) -> dict[str, torch.Tensor]:
