@@ -3,12 +3,12 @@
     total = sum_t  w_t L_t + a_lb LB_t + a_z Z_t       (each task micro-batch of the step's plan)
           + a_mi * MI(A)                               (Mod-Squad's task-expert mutual information)
 
-One backward over the sum (decision 1 of the issue-4 contract): the MI loss couples the tasks, so its
-exact gradient needs every task's graph at once, and DeepSpeed runs with gradient_accumulation_steps=1
-whatever the number of micro-batches in the step.
+One backward over the sum: the MI loss couples the tasks, so its exact gradient needs every task's graph
+at once, and DeepSpeed runs with gradient_accumulation_steps=1 whatever the number of micro-batches in
+the step.
 
-MI across ranks (decision 2): per MoE layer the statistics A[t, e] (router probability mass) are summed
-over all ranks, value-wise, while the gradient flows through this rank's tokens only:
+MI across ranks: per MoE layer the statistics A[t, e] (router probability mass) are summed over all
+ranks, value-wise, while the gradient flows through this rank's tokens only:
 ``A = A_local + (all_reduce_sum(A_local) - A_local)`` with the reduced part detached. The engine then
 averages gradients over the world size W, so each rank's MI term is scaled by W: the update equals the
 gradient of ``a_mi * MI(A_global)`` a single process would take on the global batch. The task marginal
@@ -62,12 +62,12 @@ class StepResult:
 
 
 def globally_summed(local: torch.Tensor) -> torch.Tensor:
-    """The all-rank sum as value, with the gradient of `local` only (decision 2)."""
+    """The all-rank sum as value, with the gradient of `local` only (see "MI across ranks" above)."""
     return local + (all_reduce_sum(local) - local.detach())
 
 
 class MultiTaskStep:
-    """Runs one step on an engine with the contract's interface (`engine(task, batch) -> TaskOutput`,
+    """Runs one step on an engine with this interface (`engine(task, batch) -> TaskOutput`,
     `engine.backward(loss)`, `engine.step()`).
 
     Args:

@@ -1,4 +1,4 @@
-"""Decision 2 of the issue-4 contract, checked with real processes: a step on 2 gloo ranks, each with half
+"""MI across ranks (moevit.train.step), checked with real processes: a step on 2 gloo ranks, each with half
 of every task's batch, updates the weights exactly as one process does on the whole batch, including the
 mutual-information loss whose statistics are summed across ranks. (Load balance is left out: it is a
 per-rank loss by design, as in DeepSpeed and Switch.)"""
