@@ -1,21 +1,26 @@
-"""The standalone model directory (`moevit prune`, `moevit finetune`): what it holds, how to build and load it.
+"""The standalone model directory: one format for every model moevit writes besides training checkpoints
+(`moevit prune`, `moevit finetune`'s export, `moevit expand`), and how to build and load it.
 
-A model directory (written by `moevit prune`, see moevit.prune.extract, and by `moevit finetune`) holds
-
-    manifest.json   {"format", "version", "tasks", "model": {"name", "args"}, "kept_experts":
-                     {"blocks.<i>.mlp": [expert ids of the source model]}, "heads": {task: {"type",
+    manifest.json   {"format": "moevit-model", "version": 2, "tasks", "model": {"name", "args"},
+                     "kept_experts": {"blocks.<i>.mlp": [expert ids]}, "heads": {task: {"type",
                      "num_classes", "image_size", "head_options"}}, "task_experts" (optional):
-                     {task: {"blocks.<i>.mlp": n}}, "source": {...}, "criterion": ...}
-    model.pt        the pruned MultiTaskModel's state_dict (tensors only: `weights_only=True`)
-    config.yaml     the source run's config restricted to the kept tasks (data, eval settings)
-    report.json     parameters / GFLOPs (and metrics, with --eval) before and after
+                     {task: {"blocks.<i>.mlp": n}}, then provenance: "source", "criterion", ... and,
+                     for an expanded model, "continual": what `moevit expand` did (see below)}
+    model.pt        the model's state_dict (tensors only: `weights_only=True`)
+    config.yaml     a training config for it: the source run's restricted to the kept tasks (pruned), or
+                    the expanded model's, with its `continual:` section (expanded)
+    report.json     parameters / GFLOPs (and metrics, with --eval) before and after (pruned)
 
 The manifest alone rebuilds the architecture: MoEViT gets `num_experts={block: len(kept)}` (a block
 keeping one expert becomes a plain MLP, top_k is clamped to the kept count), and the heads are built
-from their recorded arguments. `task_experts` names the tasks that route among a layer's first n kept
-experts only (old tasks of a continually expanded model, whose gates never had rows for the experts
-added later). Loading needs neither the source checkpoint nor DeepSpeed: this file
-imports only the model code.
+from their recorded arguments. `kept_experts` are ids in the model it was cut from (pruned) or its own
+(expanded: all of them). `task_experts` names the tasks that route among a layer's first n experts only
+(old tasks of a continually expanded model, whose gates never had rows for the experts added later).
+Loading needs neither the source checkpoint nor DeepSpeed.
+
+Directories written before the formats were merged (2026-12-06) still load: `moevit-pruned` v1
+manifests are read as they are, and `moevit expand`'s `expand.json` (format `moevit-expanded` v1, no
+manifest) by `read_continual_record`. tests/fixtures/model_dirs holds one of each.
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ from moevit.models.registry import create_model
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.pt"
-FORMAT = "moevit-pruned"
-VERSION = 1
+CONFIG_FILE = "config.yaml"
+FORMAT = "moevit-model"
+VERSION = 2
+READABLE = {(FORMAT, VERSION), ("moevit-pruned", 1)}  # v1: `moevit prune` before the merge
+LEGACY_EXPAND_FILE = "expand.json"  # `moevit expand` before the merge: {"format": "moevit-expanded", ...}
+LEGACY_EXPAND_FORMAT = ("moevit-expanded", 1)
 
 
 class ManifestError(ConfigError):
@@ -94,11 +103,11 @@ class Manifest:
         """Checks every field a model build relies on; errors name the file and the field."""
         if not isinstance(data, Mapping):
             raise ManifestError(source, "not a JSON object")
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
+        if (data.get("format"), data.get("version")) not in READABLE:
             raise ManifestError(
                 source,
                 f"'format'/'version' are {data.get('format')!r}/{data.get('version')!r}, "
-                f"expected {FORMAT!r}/{VERSION} (a manifest written by `moevit prune`)",
+                f"expected {FORMAT!r}/{VERSION} (a manifest written by moevit)",
             )
         for key in ("tasks", "model", "kept_experts", "heads"):
             if key not in data:
@@ -185,7 +194,7 @@ def _check_task_experts(
 def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(directory, f"no {MANIFEST_FILE}: not a pruned model directory")
+        raise ManifestError(directory, f"no {MANIFEST_FILE}: not a model directory")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -200,7 +209,32 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 
 
 def is_pruned_dir(path: str | Path) -> bool:
+    """A standalone model directory (pruned, fine-tuned or expanded), as opposed to a run dir."""
     return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_continual_record(directory: str | Path) -> dict[str, Any]:
+    """What `moevit expand` recorded in `directory` (frozen_experts, task_experts, train_tasks, ...):
+    the manifest's "continual" section, or a legacy `expand.json`. ConfigError naming the directory when
+    it holds neither."""
+    directory = Path(directory)
+    if (directory / MANIFEST_FILE).is_file():
+        record = read_manifest(directory).extra.get("continual")
+        if not isinstance(record, Mapping):
+            raise ManifestError(
+                directory / MANIFEST_FILE, "no 'continual' section: not a `moevit expand` output"
+            )
+        return dict(record)
+    path = directory / LEGACY_EXPAND_FILE
+    if not path.is_file():
+        raise ConfigError(str(directory), f"no {MANIFEST_FILE}: not a complete `moevit expand` output")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(str(path), f"not valid JSON ({err})") from None
+    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != LEGACY_EXPAND_FORMAT:
+        raise ConfigError(str(path), "not a moevit-expanded v1 record (written by `moevit expand`)")
+    return data
 
 
 def build_from_manifest(manifest: Manifest, source: str | Path = "<manifest>") -> MultiTaskModel:

@@ -5,7 +5,8 @@
                   [--data-root DIR --image-size S --batch-size B] [--config FILE] [--settings FILE]
                   [dotted.key=value ...]
 
-Writes DIR (moevit.continual.manifest): model.pt, config.yaml and expand.json. Then train the new task
+Writes DIR, a standalone model directory (moevit.artifacts.model_dir): model.pt, config.yaml and
+manifest.json, whose "continual" section records what was done. Then train the new task
 from it, with the old tasks frozen and evaluated alongside:
 
     moevit train DIR/config.yaml --nproc 2 output_dir=runs/continual [train.steps=...]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import yaml
 
+from moevit.artifacts.model_dir import CONFIG_FILE, WEIGHTS_FILE, write_manifest
 from moevit.config import save_config
 from moevit.config.errors import ConfigError
 from moevit.continual.expand import (
@@ -19,7 +20,7 @@ from moevit.continual.expand import (
     new_task_config,
 )
 from moevit.continual.freeze import freeze_for_continual
-from moevit.continual.manifest import CONFIG_FILE, WEIGHTS_FILE, write_expand_manifest
+from moevit.prune.extract import make_manifest
 from moevit.prune.source import gather_usage, load_source
 
 
@@ -75,7 +76,7 @@ def run_expand(
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / WEIGHTS_FILE)
     save_config(cfg, out / CONFIG_FILE)
-    manifest = {
+    record = {
         "source_checkpoint": source.description,
         "new_task": task,
         "head": head,
@@ -93,5 +94,11 @@ def run_expand(
         "params_total": counts["total"],
         "old_tasks_bit_identical": "checked on a random batch: tokens, feature maps, routing",
     }
-    write_expand_manifest(out, manifest)  # last: a directory with a manifest is complete
-    return manifest
+    # The standalone model-directory format (moevit.artifacts.model_dir): every expert kept, the old
+    # tasks restricted to the experts they had; what was done goes in its "continual" section.
+    every_expert = {
+        name: list(range(layer.num_experts)) for name, layer in model.backbone.mlp_layers().items()
+    }
+    manifest = make_manifest(cfg, model.backbone, list(cfg.tasks), every_expert, continual=record)
+    write_manifest(out, manifest)  # last: a directory with a manifest is complete
+    return record

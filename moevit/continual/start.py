@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moevit.artifacts.model_dir import WEIGHTS_FILE, read_continual_record
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
 from moevit.continual.freeze import freeze_for_continual
-from moevit.continual.manifest import WEIGHTS_FILE, read_expand_manifest
 
 
 def check_continual(cfg: Config, source: str = "config") -> None:
@@ -34,8 +34,8 @@ def check_continual(cfg: Config, source: str = "config") -> None:
         raise ConfigError(
             source, f"'continual.init': {init} holds no {WEIGHTS_FILE} (a `moevit expand` output)"
         )
-    manifest = read_expand_manifest(init)
-    expected = {"frozen_experts": manifest["frozen_experts"], "task_experts": manifest["task_experts"]}
+    record = read_continual_record(init)
+    expected = {"frozen_experts": record["frozen_experts"], "task_experts": record["task_experts"]}
     found = {"frozen_experts": spec.frozen_experts, "task_experts": dict(spec.task_experts)}
     if expected != found:
         raise ConfigError(

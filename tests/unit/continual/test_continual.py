@@ -4,6 +4,8 @@ by AdamW's weight decay) while the new task's parameters train."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -202,7 +204,13 @@ def test_training_view_keeps_only_the_tasks_that_train(source):
 def test_start_continual_loads_the_expansion_and_refuses_a_mismatched_one(source, tmp_path):
     import dataclasses
 
-    from moevit.continual.manifest import WEIGHTS_FILE, write_expand_manifest
+    from moevit.artifacts.model_dir import WEIGHTS_FILE
+
+    def write_expand_manifest(directory, record):  # the record `moevit expand` wrote before 2026-12-06
+        (directory / "expand.json").write_text(
+            json.dumps({"format": "moevit-expanded", "version": 1, **record})
+        )
+
     from moevit.continual.start import start_continual
 
     new_cfg, expanded, _ = expand(source)
@@ -287,3 +295,30 @@ def test_train_shared_also_trains_the_shared_weights_and_nothing_old(source):
         if task_of_parameter(n) is None and ".experts." not in n
     )
     assert counts[True]["trainable"] - counts[False]["trainable"] == shared_params > 0
+
+
+def test_an_expanded_model_is_a_standalone_model_directory(source, tmp_path):
+    """`moevit expand` writes the format pruned models use: it rebuilds and loads from its manifest alone,
+    and the manifest's "continual" section is what start_continual checks."""
+    from moevit.artifacts.model_dir import WEIGHTS_FILE, read_continual_record, write_manifest
+    from moevit.prune.extract import make_manifest
+
+    new_cfg, expanded, _ = expand(source)
+    every_expert = {
+        name: list(range(layer.num_experts)) for name, layer in expanded.backbone.mlp_layers().items()
+    }
+    record = {"frozen_experts": 4, "task_experts": {"cls": 4, "seg": 4}, "new_task": "new"}
+    write_manifest(
+        tmp_path,
+        make_manifest(new_cfg, expanded.backbone, list(new_cfg.tasks), every_expert, continual=record),
+    )
+    torch.save(expanded.state_dict(), tmp_path / WEIGHTS_FILE)
+
+    loaded, manifest = load_pruned(tmp_path)
+    assert manifest.tasks == ["cls", "seg", "new"] and read_continual_record(tmp_path) == record
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for task in manifest.tasks:
+            expected = expanded.eval().backbone.forward_backbone(images, task)
+            got = loaded.backbone.forward_backbone(images, task)
+            assert torch.equal(got.tokens, expected.tokens), task
