@@ -11,7 +11,6 @@ from test_train_resume import make_config
 
 from moevit.config import build_config
 from moevit.config.schema import Config
-from moevit.data.synth import write_synthetic_datasets
 from moevit.faults import NONFINITE_LOSS
 from moevit.train.errors import NonFiniteLossError
 from moevit.train.loop import run_training
@@ -41,10 +40,8 @@ def failing_worker(config: dict) -> dict:
     }
 
 
-def test_an_error_in_the_loop_restores_the_previous_handlers(tmp_path, run_workers):
-    data = tmp_path / "synth"
-    write_synthetic_datasets(data, size="tiny")
-    config = make_config(data, tmp_path / "run", steps=5)
+def test_an_error_in_the_loop_restores_the_previous_handlers(tmp_path, synth_root, tiny_config, run_workers):
+    config = make_config(tiny_config, synth_root, tmp_path / "run", steps=5)
     config["parallel"] = {"ep_size": 1}
     config["train"]["max_bad_steps"] = 2
     (result,) = run_workers(failing_worker, 1, 150, config=config)

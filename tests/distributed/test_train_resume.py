@@ -14,7 +14,6 @@ import pytest
 
 from moevit.config import build_config
 from moevit.config.schema import Config
-from moevit.data.synth import write_synthetic_datasets
 from moevit.train.loop import run_training
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -27,34 +26,18 @@ def train_worker(config: dict, resume: str | None) -> dict:
     return run_training(build_config(Config, config), resume)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic_datasets(root, size="tiny")
-    return root
-
-
-def make_config(data_root, output_dir, steps: int, sampling: str = "all") -> dict:
-    def data(fmt, image_size, batch_size):
-        return {
-            "format": fmt,
-            "root": str(data_root / fmt),
-            "image_size": image_size,
-            "batch_size": batch_size,
-        }
-
-    return {
-        "model": {"name": "moevit_debug"},
+def make_config(tiny_config, data_root, output_dir, steps: int, sampling: str = "all") -> dict:
+    """The run's config, built in the test's process by the `tiny_config` fixture (passed in)."""
+    return tiny_config(
+        data_root,
+        output_dir,
         # Two classification tasks (own routers and heads) on one dataset keep the steps and checkpoints
         # small; the CLI test in tests/e2e covers the other task types.
-        "tasks": {
-            "shapes": {"type": "classification", "num_classes": 10, "data": data("imagenet", 32, 8)},
-            "objects": {"type": "classification", "num_classes": 10, "data": data("imagenet", 32, 4)},
-        },
-        "aux_loss": {"mutual_information": 0.1},
-        "train": {
+        datasets={"shapes": "imagenet", "objects": "imagenet"},
+        batch_sizes={"objects": 4},
+        aux_loss={"mutual_information": 0.1},
+        train={
             "steps": steps,
-            "log_every": 1,
             "eval_every": HALF,
             "eval_batches": 1,
             "checkpoint_every": HALF,
@@ -63,9 +46,8 @@ def make_config(data_root, output_dir, steps: int, sampling: str = "all") -> dic
             "loss_balancing": {"method": "uncertainty", "lr": 0.1},
             "sampling": {"strategy": sampling},
         },
-        "parallel": {"ep_size": 2},
-        "output_dir": str(output_dir),
-    }
+        parallel={"ep_size": 2},
+    )
 
 
 def records(run_dir) -> list[dict]:
@@ -77,14 +59,16 @@ def records(run_dir) -> list[dict]:
 # round_robin: one task per step, so the MI loss of every step after the first takes the other task's
 # rows from the running estimate, which the checkpoint must carry for the resumed step to match.
 @pytest.mark.parametrize("sampling", ["all", "round_robin"])
-def test_two_halves_with_resume_equal_one_straight_run(tmp_path, data_root, run_workers, sampling):
+def test_two_halves_with_resume_equal_one_straight_run(
+    tmp_path, synth_root, tiny_config, run_workers, sampling
+):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     for run_dir, steps, resume in (
         (straight, 2 * HALF, None),
         (halves, HALF, None),
         (halves, 2 * HALF, "auto"),
     ):
-        config = make_config(data_root, run_dir, steps, sampling)
+        config = make_config(tiny_config, synth_root, run_dir, steps, sampling)
         run_workers(train_worker, 2, 150, config=config, resume=resume)
 
     expected, got = records(straight), records(halves)

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moevit.data.synth import write_synthetic_datasets
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 40
@@ -32,9 +30,8 @@ LOSS_FALL = {"imagenet": 0.8, "coco": 0.8, "ade20k": 0.92}
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, synth_root):
     root = tmp_path_factory.mktemp("demo_learns")
-    write_synthetic_datasets(root / "synth", size="tiny")
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     config["model"] = {
         "name": "moevit_debug",
@@ -44,7 +41,7 @@ def trained_run(tmp_path_factory):
     }
     for name, batch_size in (("imagenet", 16), ("coco", 4), ("ade20k", 8)):
         data = config["tasks"][name]["data"]
-        data.update(root=str(root / "synth" / data["format"]), batch_size=batch_size)
+        data.update(root=str(synth_root / data["format"]), batch_size=batch_size)
     config["tasks"]["coco"]["head_options"]["out_channels"] = 32
     config["tasks"]["ade20k"]["head_options"]["channels"] = 32
     config["train"].update(steps=STEPS, log_every=5, num_workers=0, optim={"lr": 2.0e-3, "warmup_steps": 5})

@@ -15,11 +15,8 @@ import pytest
 import torch
 import yaml
 
-from moevit.artifacts.model_dir import load_pruned
+from moevit.artifacts.model_dir import load_pruned, read_continual_record
 from moevit.config import load_config
-from moevit.continual.manifest import read_expand_manifest
-from moevit.data.synth import write_synthetic_datasets
-from moevit.data.synth.downstream import write_downstream
 from moevit.factory import build_model
 from moevit.parallel.checkpoint import consolidated_state_dict, find_latest_checkpoint
 
@@ -56,33 +53,17 @@ def model_of(run):
 
 
 @pytest.mark.timeout(900)
-def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path):
-    write_synthetic_datasets(tmp_path / "synth", size="tiny")
-    write_downstream(tmp_path / "synth", size="tiny")
-
-    def data(fmt, batch_size):
-        return {
-            "format": fmt,
-            "root": str(tmp_path / "synth" / fmt),
-            "image_size": 32,
-            "batch_size": batch_size,
-        }
-
-    config = {
-        "model": {"name": "moevit_debug", "moe": {"task_embedding": True}},  # 4 experts per MoE layer
-        "tasks": {
-            "imagenet": {"type": "classification", "num_classes": 10, "data": data("imagenet", 8)},
-            "ade20k": {
-                "type": "segmentation",
-                "num_classes": 5,
-                "data": data("ade20k", 4),
-                "head_options": {"channels": 16},
-            },
-        },
-        "train": {"steps": 2, "log_every": 1, "num_workers": 0, "eval_batches": 2},
-        "parallel": {"ep_size": 2},
-        "output_dir": str(tmp_path / "base"),
-    }
+def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path, synth_root, tiny_config):
+    config = tiny_config(
+        synth_root,
+        tmp_path / "base",
+        datasets=OLD_TASKS,
+        model={"moe": {"task_embedding": True}},  # 4 experts per MoE layer
+        batch_sizes={"ade20k": 4},
+        tasks={"ade20k": {"head_options": {"channels": 16}}},
+        train={"eval_batches": 2},
+        parallel={"ep_size": 2},
+    )
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
     base, expanded, continual = tmp_path / "base", tmp_path / "expanded", tmp_path / "continual"
     moevit("train", str(tmp_path / "base.yaml"), "--nproc", "2")
@@ -97,7 +78,7 @@ def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path):
         "--num-classes",
         "10",
         "--data-root",
-        str(tmp_path / "synth" / "downstream"),
+        str(synth_root / "downstream"),
         "--image-size",
         "32",
         "--batch-size",
@@ -114,7 +95,7 @@ def test_expand_train_new_task_keeps_old_tasks_bit_identical(tmp_path):
         f"output_dir={continual}",
     ]
     moevit(*expand, "--new-experts", "2", "--out", str(expanded), *overrides)
-    manifest = read_expand_manifest(expanded)
+    manifest = read_continual_record(expanded)  # the "continual" section of its manifest.json
     assert manifest["experts_after"] == 6 and manifest["frozen_experts"] == 4
     assert 0 < manifest["params_trainable"] < manifest["params_total"]
 

@@ -13,8 +13,6 @@ import torch
 import yaml
 
 from moevit.artifacts.model_dir import load_pruned
-from moevit.data.synth import write_synthetic_datasets
-from moevit.data.synth.downstream import write_downstream
 
 pytestmark = [pytest.mark.slow]
 TIMEOUT_S = 300
@@ -31,28 +29,16 @@ def moevit(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, synth_root, tiny_config):
     root = tmp_path_factory.mktemp("prune")
-    write_synthetic_datasets(root / "synth", size="tiny")
-    write_downstream(root / "synth", size="tiny")
-
-    def data(fmt, batch_size):
-        return {"format": fmt, "root": str(root / "synth" / fmt), "image_size": 32, "batch_size": batch_size}
-
-    config = {
-        "model": {"name": "moevit_debug"},
-        "tasks": {
-            "imagenet": {"type": "classification", "num_classes": 10, "data": data("imagenet", 8)},
-            "ade20k": {
-                "type": "segmentation",
-                "num_classes": 5,
-                "data": data("ade20k", 4),
-                "head_options": {"channels": 16},
-            },
-        },
-        "train": {"steps": 2, "log_every": 1, "num_workers": 0, "eval_batches": 2},
-        "output_dir": str(root / "run"),
-    }
+    config = tiny_config(
+        synth_root,
+        root / "run",
+        datasets=("imagenet", "ade20k"),
+        batch_sizes={"ade20k": 4},
+        tasks={"ade20k": {"head_options": {"channels": 16}}},
+        train={"eval_batches": 2},
+    )
     (root / "train.yaml").write_text(yaml.safe_dump(config))
     moevit("train", str(root / "train.yaml"))
     return root
@@ -124,7 +110,7 @@ def test_sweep_writes_csv_and_plot(run_dir):
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_finetune_head_mode_freezes_the_backbone(run_dir):
+def test_finetune_head_mode_freezes_the_backbone(run_dir, synth_root, tiny_config):
     pruned = run_dir / "pruned_ft"
     moevit(
         "prune",
@@ -141,22 +127,13 @@ def test_finetune_head_mode_freezes_the_backbone(run_dir):
         "--calib-batches",
         "1",
     )
-    config = {
-        "tasks": {
-            "downstream": {
-                "type": "classification",
-                "num_classes": 10,
-                "data": {
-                    "format": "imagenet",
-                    "root": str(run_dir / "synth" / "downstream"),
-                    "image_size": 32,
-                    "batch_size": 8,
-                },
-            }
-        },
-        "train": {"steps": 2, "log_every": 1, "num_workers": 0, "optim": {"warmup_steps": 1}},
-        "aux_loss": {"mutual_information": 0.0},
-    }
+    config = tiny_config(
+        synth_root,
+        datasets=("downstream",),
+        model=None,  # the backbone comes from --init
+        train={"optim": {"warmup_steps": 1}},
+        aux_loss={"mutual_information": 0.0},
+    )
     (run_dir / "ft.yaml").write_text(yaml.safe_dump(config))
     results = {}
     for mode in ("head", "full"):

@@ -5,6 +5,7 @@ reads the checkpoint back and reproduces the run's last evaluation."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 from moevit.config import load_config
-from moevit.data.synth import write_synthetic_datasets
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -21,27 +21,16 @@ EVAL_METRICS = {"imagenet": {"top1", "top5"}, "coco": {"bbox_mAP", "bbox_mAP_50"
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
+def config_file(tmp_path_factory, synth_root, tiny_config):
     root = tmp_path_factory.mktemp("e2e")
-    write_synthetic_datasets(root / "synth", size="tiny")
+    shutil.copytree(synth_root, root / "synth")  # a copy of its own: some of its files get truncated
     # Truncate every 4th training image of one task: training must skip, count and report them.
     for path in sorted((root / "synth" / "imagenet" / "train").glob("*/*.JPEG"))[::4]:
         path.write_bytes(path.read_bytes()[:200])
 
-    def data(fmt, batch_size):
-        return {"format": fmt, "root": str(root / "synth" / fmt), "image_size": 32, "batch_size": batch_size}
-
-    config = {
-        "model": {"name": "moevit_debug"},
-        "tasks": {
-            "imagenet": {"type": "classification", "num_classes": 10, "data": data("imagenet", 8)},
-            "coco": {"type": "detection", "num_classes": 5, "data": data("coco", 2)},
-            "ade20k": {"type": "segmentation", "num_classes": 5, "data": data("ade20k", 2)},
-        },
-        "train": {"steps": 2, "log_every": 1, "num_workers": 0},  # evaluations cover the whole val splits
-        "parallel": {"ep_size": 2},
-        "output_dir": str(root / "run"),
-    }
+    # imagenet, coco and ade20k with the builder's train section, without eval_batches: evaluations cover
+    # the whole val splits
+    config = tiny_config(root / "synth", root / "run", parallel={"ep_size": 2})
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

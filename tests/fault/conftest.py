@@ -1,4 +1,5 @@
-"""Fixtures of the fault-injection suite: the multi-process launcher of tests/distributed, tiny data."""
+"""Fixtures of the fault-injection suite: the multi-process launcher of tests/distributed, and the small
+two-task config most of its CLI runs train (on `synth_root`, the session's tiny data of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from moevit.data.synth import write_synthetic_datasets
 
 sys.path.insert(0, str(Path(__file__).parent))  # test files import fault_helpers
 _spec = importlib.util.spec_from_file_location(
@@ -20,7 +19,29 @@ run_workers = _distributed.run_workers  # the fixture, re-exported
 
 
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic_datasets(root, size="tiny")
-    return root
+def two_task_config(tiny_config):
+    """two_task_config(synth_root, output_dir, steps, **train) -> dict: moevit_debug (4 experts, top-2)
+    with two classification tasks on the tiny ImageNet folder, EP=2: small checkpoints (a few MB), so a
+    checkpoint every step stays cheap. `train` replaces or adds keys of the train section."""
+
+    def build(synth_root: Path, output_dir: Path, steps: int, **train) -> dict:
+        return tiny_config(
+            synth_root,
+            output_dir,
+            datasets={"shapes": "imagenet", "objects": "imagenet"},
+            batch_sizes={"objects": 4},
+            aux_loss={"mutual_information": 0.1},
+            train={
+                "steps": steps,
+                "eval_every": 0,
+                "eval_batches": 1,
+                "checkpoint_every": 1,
+                "keep_last": 2,
+                "num_workers": 0,  # augmentation draws from the checkpointed main-process RNG: exact resume
+                "optim": {"warmup_steps": 4},
+                **train,
+            },
+            parallel={"ep_size": 2},
+        )
+
+    return build

@@ -1,4 +1,6 @@
-"""Helpers of the fault-injection suite: a small two-task config, and `moevit` CLI runs that can be killed.
+"""Helpers of the fault-injection suite: `moevit` CLI runs that can be killed, and their records.
+
+The small two-task config these runs train is the `two_task_config` fixture (conftest.py).
 
 Runs go through the real entry point (`python -m moevit.cli`, what `moevit` runs) with torchrun
 underneath for `--nproc 2`; every launch has a hard timeout and its whole process group is killed on
@@ -19,37 +21,6 @@ import pytest
 import yaml
 
 LAUNCH_TIMEOUT_S = 180
-
-
-def two_task_config(synth_root: Path, output_dir: Path, steps: int, **train) -> dict:
-    """moevit_debug (4 experts, top-2) with two classification tasks on the tiny ImageNet folder, EP=2:
-    small checkpoints (a few MB), so a checkpoint every step stays cheap."""
-
-    def data(batch_size):
-        root = str(synth_root / "imagenet")
-        return {"format": "imagenet", "root": root, "image_size": 32, "batch_size": batch_size}
-
-    return {
-        "model": {"name": "moevit_debug"},
-        "tasks": {
-            "shapes": {"type": "classification", "num_classes": 10, "data": data(8)},
-            "objects": {"type": "classification", "num_classes": 10, "data": data(4)},
-        },
-        "aux_loss": {"mutual_information": 0.1},
-        "train": {
-            "steps": steps,
-            "log_every": 1,
-            "eval_every": 0,
-            "eval_batches": 1,
-            "checkpoint_every": 1,
-            "keep_last": 2,
-            "num_workers": 0,  # augmentation draws from the checkpointed main-process RNG: exact resume
-            "optim": {"warmup_steps": 4},
-            **train,
-        },
-        "parallel": {"ep_size": 2},
-        "output_dir": str(output_dir),
-    }
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -35,7 +35,7 @@ def garbage(path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_training_survives_corrupt_samples_and_ranks_stay_in_step(synth_root, tmp_path):
+def test_training_survives_corrupt_samples_and_ranks_stay_in_step(synth_root, tmp_path, tiny_config):
     root = tmp_path / "synth"
     shutil.copytree(synth_root, root)
     ade = root / "ade20k" / "ADEChallengeData2016"
@@ -46,31 +46,15 @@ def test_training_survives_corrupt_samples_and_ranks_stay_in_step(synth_root, tm
     }
     assert sum(corrupt.values()) / (160 + 48 + 48) >= 0.05
 
-    def data(fmt, batch_size):
-        return {"format": fmt, "root": str(root / fmt), "image_size": 32, "batch_size": batch_size}
-
     run_dir = tmp_path / "run"
-    config = {
-        "model": {"name": "moevit_debug"},
-        "tasks": {
-            "imagenet": {"type": "classification", "num_classes": 10, "data": data("imagenet", 10)},
-            "coco": {
-                "type": "detection",
-                "num_classes": 5,
-                "data": data("coco", 3),
-                "head_options": {"out_channels": 32},
-            },
-            "ade20k": {
-                "type": "segmentation",
-                "num_classes": 5,
-                "data": data("ade20k", 3),
-                "head_options": {"channels": 32},
-            },
-        },
-        "train": {"steps": STEPS, "log_every": 1, "eval_batches": 1, "checkpoint_every": 0, "num_workers": 0},
-        "parallel": {"ep_size": 2},
-        "output_dir": str(run_dir),
-    }
+    config = tiny_config(
+        root,
+        run_dir,
+        batch_sizes={"imagenet": 10, "coco": 3, "ade20k": 3},
+        tasks={"coco": {"head_options": {"out_channels": 32}}, "ade20k": {"head_options": {"channels": 32}}},
+        train={"steps": STEPS, "eval_batches": 1, "checkpoint_every": 0},
+        parallel={"ep_size": 2},
+    )
     done = run_moevit("train", str(write_config(tmp_path / "train.yaml", config)), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
 

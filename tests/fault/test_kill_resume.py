@@ -18,7 +18,6 @@ from fault_helpers import (
     kill_when_logged,
     read_records,
     run_moevit,
-    two_task_config,
     write_config,
 )
 
@@ -50,7 +49,7 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(synth_root, tmp_path_factory):
+def reference(synth_root, tmp_path_factory, two_task_config):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     config = write_config(run_dir.parent / "train.yaml", two_task_config(synth_root, run_dir, STEPS))
     done = run_moevit("train", str(config), "--nproc", "2")
@@ -68,7 +67,9 @@ def assert_same_run(run_dir, reference) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_kill9_three_times_and_mid_checkpoint_then_resume_is_bit_identical(synth_root, tmp_path, reference):
+def test_kill9_three_times_and_mid_checkpoint_then_resume_is_bit_identical(
+    synth_root, tmp_path, reference, two_task_config
+):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "train.yaml", two_task_config(synth_root, run_dir, STEPS))
     args = ["train", str(config), "--nproc", "2", "--resume", "auto"]

@@ -21,15 +21,22 @@ from moevit.cli import main
 pytestmark = pytest.mark.timeout(120)
 
 
-def base_config(root) -> dict:
-    (root / "imagenet" / "train").mkdir(parents=True, exist_ok=True)
-    data = {"format": "imagenet", "root": str(root / "imagenet"), "image_size": 32, "batch_size": 4}
-    return {
-        "model": {"name": "moevit_debug"},  # 4 experts per MoE layer, top-2
-        "tasks": {"shapes": {"type": "classification", "num_classes": 10, "data": data}},
-        "train": {"steps": 2, "num_workers": 0},
-        "output_dir": str(root / "run"),
-    }
+@pytest.fixture
+def base_config(tiny_config):
+    """base_config(root) -> the valid config each case breaks: moevit_debug (4 experts per MoE layer,
+    top-2) with one classification task on an empty ImageNet folder under `root`."""
+
+    def build(root) -> dict:
+        (root / "imagenet" / "train").mkdir(parents=True, exist_ok=True)
+        return tiny_config(
+            root,
+            root / "run",
+            datasets={"shapes": "imagenet"},
+            batch_sizes={"shapes": 4},
+            train={"log_every": None},  # not set: the schema's default
+        )
+
+    return build
 
 
 def setting(*path_and_value):
@@ -109,7 +116,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case, mutate, args, expected", CASES, ids=[case[0] for case in CASES])
-def test_malformed_config_is_refused_before_anything_starts(tmp_path, capsys, case, mutate, args, expected):
+def test_malformed_config_is_refused_before_anything_starts(
+    tmp_path, capsys, base_config, case, mutate, args, expected
+):
     config = copy.deepcopy(base_config(tmp_path))
     if mutate is not None:
         mutate(config)
@@ -127,7 +136,7 @@ def test_malformed_config_is_refused_before_anything_starts(tmp_path, capsys, ca
     assert not (tmp_path / "run").exists(), f"{case}: left a run directory behind"
 
 
-def test_duplicate_key_and_invalid_yaml_are_refused(tmp_path, capsys):
+def test_duplicate_key_and_invalid_yaml_are_refused(tmp_path, capsys, base_config):
     good = yaml.safe_dump(base_config(tmp_path))
     for text, expected in [
         (good + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
@@ -139,7 +148,7 @@ def test_duplicate_key_and_invalid_yaml_are_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_refusal_exits_non_zero_without_launching_workers(tmp_path):
+def test_refusal_exits_non_zero_without_launching_workers(tmp_path, base_config):
     config = base_config(tmp_path)
     config["parallel"] = {"ep_size": 4}
     path = tmp_path / "bad.yaml"

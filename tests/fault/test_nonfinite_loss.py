@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import read_records, run_moevit, two_task_config, write_config
+from fault_helpers import read_records, run_moevit, write_config
 
 from moevit.faults import NONFINITE_LOSS
 
@@ -93,7 +93,7 @@ def test_all_ranks_skip_together_and_stop_after_max_bad_steps(run_workers):
 
 
 @pytest.mark.timeout(200)
-def test_cli_counts_skipped_steps_and_stops_with_a_clear_message(synth_root, tmp_path):
+def test_cli_counts_skipped_steps_and_stops_with_a_clear_message(synth_root, tmp_path, two_task_config):
     run_dir = tmp_path / "run"
     config = two_task_config(synth_root, run_dir, steps=8, max_bad_steps=2, checkpoint_every=0)
     path = write_config(tmp_path / "train.yaml", config)

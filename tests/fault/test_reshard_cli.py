@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fault_helpers import read_records, run_moevit, two_task_config, write_config
+from fault_helpers import read_records, run_moevit, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def client_states(run_dir, step: int) -> list[dict]:
 
 
 @pytest.mark.timeout(400)
-def test_train_ep2_reshard_to_ep1_resume_reshard_back_resume(synth_root, tmp_path, capsys):
+def test_train_ep2_reshard_to_ep1_resume_reshard_back_resume(synth_root, tmp_path, capsys, two_task_config):
     ep2, ep1, ep2_again = tmp_path / "ep2", tmp_path / "ep1", tmp_path / "ep2_again"
     config = write_config(tmp_path / "train.yaml", two_task_config(synth_root, ep2, steps=1))
     assert run_moevit("train", str(config), "--nproc", "2").returncode == 0

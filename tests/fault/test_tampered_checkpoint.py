@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from fault_helpers import run_moevit, two_task_config, write_config
+from fault_helpers import run_moevit, write_config
 
 from moevit.parallel.checkpoint import (
     UnsafeCheckpointError,
@@ -39,7 +39,7 @@ def tamper(path, marker) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_a_pickle_payload_in_a_checkpoint_is_refused(synth_root, tmp_path):
+def test_a_pickle_payload_in_a_checkpoint_is_refused(synth_root, tmp_path, two_task_config):
     run_dir = tmp_path / "run"
     config = two_task_config(synth_root, run_dir, steps=1)
     config["parallel"]["ep_size"] = 1

@@ -22,7 +22,6 @@ import time
 import pytest
 import yaml
 
-from moevit.data.synth import write_synthetic_datasets
 from moevit.parallel.checkpoint import find_latest_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -34,25 +33,17 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
+def config_file(tmp_path_factory, synth_root, tiny_config):
     root = tmp_path_factory.mktemp("slurm-train")
-    write_synthetic_datasets(root / "synth", size="tiny")
-
-    def data(batch_size):
-        return {"format": "imagenet", "root": str(root / "synth" / "imagenet"), "image_size": 32,
-                "batch_size": batch_size}  # fmt: skip
-
-    config = {
-        "model": {"name": "moevit_debug"},
-        "tasks": {
-            "shapes": {"type": "classification", "num_classes": 10, "data": data(8)},
-            "objects": {"type": "classification", "num_classes": 10, "data": data(4)},
-        },
-        "aux_loss": {"mutual_information": 0.1},
+    config = tiny_config(
+        synth_root,  # output_dir: set by each submission
+        datasets={"shapes": "imagenet", "objects": "imagenet"},
+        batch_sizes={"objects": 4},
+        aux_loss={"mutual_information": 0.1},
         # num_workers 0: augmentation draws from the checkpointed main-process RNG, so resume is exact.
-        "train": {"steps": STEPS, "log_every": 1, "checkpoint_every": 4, "eval_batches": 1, "num_workers": 0},
-        "parallel": {"ep_size": 2},
-    }
+        train={"steps": STEPS, "checkpoint_every": 4, "eval_batches": 1, "num_workers": 0},
+        parallel={"ep_size": 2},
+    )
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
