@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 from moevit.config import load_config  # noqa: E402
 from moevit.data.synth import write_synthetic_datasets  # noqa: E402
-from moevit.layers.moe_mlp import MoEMlp  # noqa: E402
 from moevit.factory import build_model  # noqa: E402
+from moevit.layers.moe_mlp import MoEMlp  # noqa: E402
 from moevit.models.flops import analytic_flops  # noqa: E402
 from moevit.parallel.engine import optimizer_param_groups  # noqa: E402
 from moevit.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
