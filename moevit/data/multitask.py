@@ -40,7 +40,6 @@ sum them over ranks for metrics, and save every rank's state to restore them exa
 """
 
 import copy
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -50,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from moevit.data.sampler import ResumableBatchSampler, ResumableDistributedSampler, reshard_sampler_state
 from moevit.data.schedule import TaskSchedule
+from moevit.data.seeding import SeededSamples, derive_seed
 
 
 class TaskBatch(NamedTuple):
@@ -81,13 +81,6 @@ def count_skipped(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return sum(count_skipped(element) for element in batch)
     return 0
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple of ints and strings, stable across processes and Python runs
-    (unlike ``hash()``, which is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class MultiTaskLoader:
@@ -194,9 +187,11 @@ class MultiTaskLoader:
         if task not in self._batch_iterators:
             sampler = self._samplers[task]
             sampler.load_state_dict(sampler.state_at(self._samples_consumed[task]))
+            # Each sample's augmentation is seeded by its place in the task's global stream (seeding.py):
+            # what a worker, a rank or a resumed run draws for it is the same.
             loader = DataLoader(
-                self._datasets[task],
-                batch_sampler=ResumableBatchSampler(sampler, self.batch_sizes[task]),
+                SeededSamples(self._datasets[task], derive_seed(self._seed, task, "augment")),
+                batch_sampler=ResumableBatchSampler(sampler, self.batch_sizes[task], with_positions=True),
                 collate_fn=self._collate_fns[task],
                 generator=torch.Generator().manual_seed(derive_seed(self._seed, task, self._rank)),
                 **self._loader_options,

@@ -84,11 +84,20 @@ class ResumableDistributedSampler:
         return self._cached_indices
 
     def __iter__(self) -> Iterator[int]:
+        for index, _ in self.iter_with_positions():
+            yield index
+
+    def iter_with_positions(self) -> Iterator[tuple[int, int]]:
+        """(index, position in the global sample stream) pairs: the stream every rank reads a strided
+        slice of, epoch after epoch (padded to a multiple of the world size). A sample's position is the
+        same whichever rank or worker reads it, which is what its augmentation is seeded by
+        (moevit.data.seeding)."""
         while True:
             epoch, position = divmod(self._offset, self.samples_per_epoch)
-            for index in self.epoch_indices(epoch)[position:].tolist():
+            epoch_start = epoch * self.samples_per_epoch * self.world_size
+            for local, index in enumerate(self.epoch_indices(epoch)[position:].tolist(), start=position):
                 self._offset += 1
-                yield index
+                yield index, epoch_start + local * self.world_size + self.rank
 
     def state_at(self, num_samples: int) -> dict[str, int | bool]:
         """The state after ``num_samples`` indices have been drawn from the start of the stream."""
@@ -139,18 +148,21 @@ class ResumableBatchSampler:
     Args:
         sampler: the index stream to group.
         batch_size: indices per batch (> 0).
+        with_positions: yield (index, stream position) pairs instead of indices (for
+            moevit.data.seeding.SeededSamples).
     """
 
-    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int):
+    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int, with_positions: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"ResumableBatchSampler: batch_size must be an int > 0, got {batch_size!r}")
         self.sampler = sampler
         self.batch_size = batch_size
+        self.with_positions = with_positions
 
-    def __iter__(self) -> Iterator[list[int]]:
-        indices = iter(self.sampler)
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
+        keys = self.sampler.iter_with_positions() if self.with_positions else iter(self.sampler)
         while True:
-            yield list(islice(indices, self.batch_size))
+            yield list(islice(keys, self.batch_size))
 
 
 def reshard_sampler_state(saved: dict, new_world: int) -> tuple[dict, int, bool]:

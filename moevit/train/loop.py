@@ -19,7 +19,7 @@ import torch
 from moevit.artifacts.checkpoints import resolve_resume
 from moevit.artifacts.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.config.schema import Config
-from moevit.data.multitask import derive_seed
+from moevit.data.seeding import derive_seed
 from moevit.fileio import write_text_atomically
 from moevit.parallel.checkpoint import load_checkpoint
 from moevit.parallel.collectives import all_reduce_sum, barrier, is_main_process

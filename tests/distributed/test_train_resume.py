@@ -41,7 +41,7 @@ def make_config(tiny_config, data_root, output_dir, steps: int, sampling: str = 
             "eval_every": HALF,
             "eval_batches": 1,
             "checkpoint_every": HALF,
-            "num_workers": 0,  # random augmentation then draws from the checkpointed main-process RNG
+            "num_workers": 1,  # as users run it: augmentation is seeded per sample (moevit.data.seeding)
             "optim": {"warmup_steps": 2 * HALF},
             "loss_balancing": {"method": "uncertainty", "lr": 0.1},
             "sampling": {"strategy": sampling},

@@ -37,7 +37,7 @@ def two_task_config(tiny_config):
                 "eval_batches": 1,
                 "checkpoint_every": 1,
                 "keep_last": 2,
-                "num_workers": 0,  # augmentation draws from the checkpointed main-process RNG: exact resume
+                "num_workers": 0,  # the no-worker variant; test_kill_resume_workers.py runs with workers
                 "optim": {"warmup_steps": 4},
                 **train,
             },

@@ -40,8 +40,9 @@ def config_file(tmp_path_factory, synth_root, tiny_config):
         datasets={"shapes": "imagenet", "objects": "imagenet"},
         batch_sizes={"objects": 4},
         aux_loss={"mutual_information": 0.1},
-        # num_workers 0: augmentation draws from the checkpointed main-process RNG, so resume is exact.
-        train={"steps": STEPS, "checkpoint_every": 4, "eval_batches": 1, "num_workers": 0},
+        # One DataLoader worker per task, as real jobs run: scancel and the requeue meet live workers, and
+        # resume stays exact (augmentation is seeded per sample, moevit.data.seeding).
+        train={"steps": STEPS, "checkpoint_every": 4, "eval_batches": 1, "num_workers": 1},
         parallel={"ep_size": 2},
     )
     path = root / "tiny.yaml"

@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from moevit.data.collate import collate_for_task
-from moevit.data.multitask import derive_seed
+from moevit.data.seeding import derive_seed
 from moevit.data.shards.layout import ShardInfo
 from moevit.data.shards.samples import ShardSampleDecoder, SkipCorruptStream
 from moevit.data.transforms import build_transforms
