@@ -41,7 +41,7 @@ def failing_worker(config: dict) -> dict:
 
 
 def test_an_error_in_the_loop_restores_the_previous_handlers(tmp_path, synth_root, tiny_config, run_workers):
-    config = make_config(tiny_config, synth_root, tmp_path / "run", steps=5)
+    config = make_config(tiny_config, synth_root, tmp_path / "run", steps=5, sampling="all", num_workers=0)
     config["parallel"] = {"ep_size": 1}
     config["train"]["max_bad_steps"] = 2
     (result,) = run_workers(failing_worker, 1, 150, config=config)
