@@ -97,3 +97,15 @@ def kill_when_logged(args: list[str], run_dir: Path, step: int, timeout: float =
             time.sleep(0.02)
     finally:
         kill_group(process)
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Records without the wall-clock throughput, the one value two identical runs may differ in."""
+    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    """The single-device weights of the run's checkpoint at `step`."""
+    from moevit.parallel.checkpoint import consolidated_state_dict
+
+    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{step:08d}")

@@ -15,6 +15,8 @@ import random
 import pytest
 import torch
 from fault_helpers import (
+    comparable,
+    final_weights,
     kill_when_logged,
     read_records,
     run_moevit,
@@ -22,7 +24,6 @@ from fault_helpers import (
 )
 
 from moevit.faults import KILL_IN_CHECKPOINT
-from moevit.parallel.checkpoint import consolidated_state_dict
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -40,27 +41,19 @@ def kill_steps(seed: int, count: int = 3, gap: int = 2) -> list[int]:
             return steps
 
 
-def comparable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]  # wall clock
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}")
-
-
 @pytest.fixture(scope="module")
 def reference(synth_root, tmp_path_factory, two_task_config):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     config = write_config(run_dir.parent / "train.yaml", two_task_config(synth_root, run_dir, STEPS))
     done = run_moevit("train", str(config), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
-    return read_records(run_dir), final_weights(run_dir)
+    return read_records(run_dir), final_weights(run_dir, STEPS)
 
 
 def assert_same_run(run_dir, reference) -> None:
     records, weights = reference
     assert comparable(read_records(run_dir)) == comparable(records)
-    resumed_weights = final_weights(run_dir)
+    resumed_weights = final_weights(run_dir, STEPS)
     assert resumed_weights.keys() == weights.keys()
     for key, value in weights.items():
         assert torch.equal(resumed_weights[key], value), key

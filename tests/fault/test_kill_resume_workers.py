@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fault_helpers import kill_when_logged, read_records, run_moevit, write_config
-
-from moevit.parallel.checkpoint import consolidated_state_dict
+from fault_helpers import comparable, final_weights, kill_when_logged, read_records, run_moevit, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -37,21 +35,13 @@ def config(tiny_config, synth_root, run_dir, num_workers: int) -> dict:
     )
 
 
-def comparable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]  # wall clock
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{STEPS:08d}")
-
-
 @pytest.fixture(scope="module")
 def reference(synth_root, tmp_path_factory, tiny_config):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     path = write_config(run_dir.parent / "train.yaml", config(tiny_config, synth_root, run_dir, 1))
     done = run_moevit("train", str(path), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
-    return comparable(read_records(run_dir)), final_weights(run_dir)
+    return comparable(read_records(run_dir)), final_weights(run_dir, STEPS)
 
 
 @pytest.mark.timeout(600)
@@ -71,7 +61,7 @@ def test_kill9_between_checkpoints_with_workers_resumes_bit_identical(
     assert done.returncode == 0, done.stderr[-4000:]
     records, weights = reference
     assert comparable(read_records(run_dir)) == records  # every loss, weight, lr and the final eval
-    resumed = final_weights(run_dir)
+    resumed = final_weights(run_dir, STEPS)
     assert resumed.keys() == weights.keys()
     for key, value in weights.items():
         assert torch.equal(resumed[key], value), key
