@@ -30,7 +30,8 @@ from moevit.train.task_expert_estimate import RunningTaskRows
 
 
 class ExpertUsage:
-    """Accumulates the expert counts of training steps, per layer, as (tasks, experts) int64 tables.
+    """Accumulates the expert counts of training steps, per layer, as (tasks, experts) int64 tables
+    between evaluations, and keeps their moving average across evaluations.
 
     Args:
         tasks: every task, in config order (the table rows).
