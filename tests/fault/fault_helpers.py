@@ -9,6 +9,7 @@ the way out, so a hang fails the test instead of CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -54,12 +56,25 @@ def run_moevit(*args: str, env: dict | None = None, timeout: float = LAUNCH_TIME
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the launch and every worker it started (they share its process group)."""
+    """SIGKILL the launch and every process it started.
+
+    The launcher's process group is not enough: torchrun starts each rank in a session of its own
+    (torch.distributed.elastic's subprocess handler), so killing the group alone left the ranks and
+    their DataLoader workers running, orphaned, holding their memory.
+    """
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     process.wait()
+    psutil.wait_procs(tree, timeout=30)
 
 
 def read_records(run_dir: Path) -> list[dict]:
