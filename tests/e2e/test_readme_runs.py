@@ -1,7 +1,8 @@
 """Every `moevit` command of the README, run in the order written on a fresh directory, as a new user
-would after the quick start (issue 18). Slow (about half an hour on 2 cores: the demo, fine-tuning and
-continual training run for real), so it is opt-in: `pytest -m readme`. The suite's
-tests/unit/test_readme_commands.py checks the same commands parse and read only runs written above them.
+would after the quick start (issue 18). Slow: 15 min 36 s on the 2 cores (2026-12-07, with other tests
+running), since the demo, two fine-tunings and a continual run train for real; so it is opt-in,
+`pytest -m readme`. The suite's tests/unit/test_readme_commands.py checks the same commands parse and
+read only runs written above them.
 
 Nothing is exempted: the README's SLURM commands carry `--dry-run`, and nothing in it needs a GPU.
 """
