@@ -13,11 +13,8 @@ Names of a bare `MoEViT` carry no prefix; those of a `MultiTaskModel` carry `bac
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 BACKBONE = "backbone."  # MultiTaskModel's name for its MoEViT
 
@@ -39,7 +36,7 @@ class ParamName:
     """What one state-dict key names.
 
     kind: expert (stacked (E, ...) tensor of an MoE MLP), gate (a task's router weight), gate_usage (the
-        int64 usage counter gates held in files written before 2026-12-06; see `without_legacy_keys`),
+        int64 usage counter gates held in files written before 2026-12-06, which loading drops),
         task_embedding, dense_mlp (a plain MLP's linear), head, or other.
     layer: the module that holds it, unprefixed (`blocks.3.mlp`, `blocks.1.attn`), for experts, gates
         and dense MLPs.
@@ -70,12 +67,6 @@ def parse_key(key: str, prefix: str = BACKBONE) -> ParamName:
 def task_of(key: str, prefix: str = BACKBONE) -> str | None:
     """The task a key belongs to (its gate, usage counter, task embedding or head); None when shared."""
     return parse_key(key, prefix).task
-
-
-def without_legacy_keys(state: Mapping[str, torch.Tensor], prefix: str = BACKBONE) -> dict[str, torch.Tensor]:
-    """`state` without what earlier versions saved and the model no longer has (the gates' usage
-    counters), for code that maps state dicts key by key; `load_state_dict` drops them by itself."""
-    return {key: value for key, value in state.items() if parse_key(key, prefix).kind != "gate_usage"}
 
 
 def expert_key(layer: str, part: str, prefix: str = BACKBONE) -> str:

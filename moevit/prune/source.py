@@ -21,7 +21,6 @@ from moevit.config.schema import Config
 from moevit.eval import evaluate
 from moevit.factory import build_model
 from moevit.models.multitask import MultiTaskModel
-from moevit.models.param_names import without_legacy_keys
 from moevit.parallel.checkpoint import consolidated_state_dict
 from moevit.prune.extract import restricted_tasks
 from moevit.prune.usage import calibrate_usage
@@ -64,9 +63,10 @@ def load_source(checkpoint: str, config: str | None = None, overrides: list[str]
         model = build_model(cfg)
     except (ValueError, TypeError) as err:
         raise ConfigError(str(config_path), f"the model cannot be built: {err}") from None
-    state = without_legacy_keys(consolidated_state_dict(ref.directory))
-    model.load_state_dict(state)
-    return Source(cfg, model.eval(), state, ref.run_root, ref.tag)
+    model.load_state_dict(consolidated_state_dict(ref.directory))
+    # The model's own state, not the file's: keys older files hold and the model no longer has (the gates'
+    # usage counters) were dropped by the load, so extraction and expansion map exactly the model's keys.
+    return Source(cfg, model.eval(), model.state_dict(), ref.run_root, ref.tag)
 
 
 def gather_usage(
