@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from moevit.artifacts.checkpoints import CheckpointRef
 from moevit.artifacts.run_dir import RunDir
@@ -70,13 +71,18 @@ def average_from_checkpoint(run_root: Path, tag: str) -> tuple[Usage, float] | N
         if not average or not average["rows"]:
             return None
         decay = average["decay"]
-        seen = [task for task, seen in zip(average["tasks"], average["seen"]) if seen]
-        tables = {
-            layer: {task: rows[average["tasks"].index(task)] for task in seen}
-            for layer, rows in zip(average["layers"], average["rows"])
-        }
-        usage = add_usage(usage, tables)
+        usage = add_usage(usage, tables_of_average(average))
     return usage, decay
+
+
+def tables_of_average(average: Mapping[str, Any]) -> Usage:
+    """{layer: {task: row}} of a moving average as ExpertUsage saves it ("layers", "tasks", "seen",
+    "rows"); tasks that never trained are left out."""
+    seen = [task for task, seen in zip(average["tasks"], average["seen"]) if seen]
+    return {
+        layer: {task: rows[average["tasks"].index(task)] for task in seen}
+        for layer, rows in zip(average["layers"], average["rows"])
+    }
 
 
 def last_window_from_run(run_root: Path, tag: str) -> tuple[Usage, str]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from moevit.artifacts.usage import tables_of_average
 from moevit.parallel.collectives import all_reduce_sum
 from moevit.train.task_expert_estimate import RunningTaskRows
 
@@ -95,15 +96,11 @@ class ExpertUsage:
         calls it); tasks that never trained are left out."""
         if not self.ema.rows_LTE:
             return {}
-        shapes = [rows_TE.shape for rows_TE in self.ema.rows_LTE]
         local = torch.cat([rows_TE.flatten() for rows_TE in self.ema.rows_LTE]).double().to(device)
         summed = all_reduce_sum(local).cpu().split([rows_TE.numel() for rows_TE in self.ema.rows_LTE])
-        seen = [task for task, seen in zip(self.tasks, self.ema.seen_T.tolist()) if seen]
-        average = {}
-        for layer, flat, shape in zip(self.ema_layers, summed, shapes):
-            rows = flat.view(shape).tolist()
-            average[layer] = {task: rows[self.tasks.index(task)] for task in seen}
-        return average
+        rows = [flat.view(rows_TE.shape).tolist() for flat, rows_TE in zip(summed, self.ema.rows_LTE)]
+        saved_form = {"layers": self.ema_layers, "tasks": self.tasks, "seen": self.ema.seen_T.tolist()}
+        return tables_of_average({**saved_form, "rows": rows})
 
     def state_dict(self) -> dict[str, Any]:
         return {
