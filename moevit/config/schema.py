@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from moevit.config.errors import ConfigError
+
 TaskType = Literal["classification", "detection", "segmentation"]
 DatasetFormat = Literal["imagenet", "coco", "ade20k"]
 
@@ -53,6 +55,10 @@ class ModelConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     drop_path_rate: float | None = None
+    # ViTDet's backbone for high-resolution inputs: attention within window_size x window_size token
+    # windows in every block except `global_blocks`, which attend globally. 0: global everywhere.
+    window_size: int | None = None
+    global_blocks: list[int] | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def variant_overrides(self) -> dict:
@@ -69,9 +75,110 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.window_size is not None and self.window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0: global attention), got {self.window_size}")
+        if self.global_blocks is not None and any(index < 0 for index in self.global_blocks):
+            raise ValueError(f"global_blocks must be block indices >= 0, got {self.global_blocks}")
 
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's training resolution; also what a task without a dataset is built for
+
+
+# Per-format transforms (`tasks.<name>.data.transforms`): each dataset format reads its own section,
+# checked against one of these classes (unknown keys and wrong types are errors, as everywhere).
+# The defaults keep a section that is left out at the plain pipeline the demo trains with; the
+# paper configs (configs/paper/) turn on the published recipes.
+
+
+@dataclass
+class ImageNetTransforms:
+    """Classification: timm's `create_transform` (train and eval) and timm's `Mixup`."""
+
+    hflip: float = 0.5  # probability of a horizontal flip
+    color_jitter: float = 0.0  # timm's brightness/contrast/saturation strength; unused with auto_augment
+    auto_augment: str | None = None  # timm's policy string, e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    re_prob: float = 0.0  # random erasing probability
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    re_count: int = 1
+    crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, center-crop image_size
+    mixup_alpha: float = 0.0  # 0 with cutmix_alpha 0: no mixing
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        for name in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.re_count < 1:
+            raise ValueError(f"re_count must be >= 1, got {self.re_count}")
+
+
+@dataclass
+class CocoTransforms:
+    """Detection: ViTDet's large-scale jitter for training; eval resizes the longest side to image_size.
+
+    Every image keeps its aspect ratio and is padded (bottom/right) to the image_size square; the batch
+    carries each image's valid extent and its scale from the original pixels."""
+
+    scale_range: tuple[float, float] = (1.0, 1.0)  # LSJ's random resize of the target size (ViTDet: 0.1, 2.0)
+    hflip: float = 0.5
+
+    def validate(self) -> None:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be in [0, 1], got {self.hflip}")
+
+
+@dataclass
+class Ade20kTransforms:
+    """Segmentation: mmsegmentation's ADE20K pipeline and its whole/slide inference at the original size.
+
+    Train: RandomResize of `scale` by a ratio in `ratio_range` (keeping the aspect ratio), a random
+    image_size crop (retried while one class covers more than `cat_max_ratio`), flip, and optionally
+    mmseg's PhotoMetricDistortion. Eval: resize to fit `scale`, infer (`whole`, or `slide` windows of
+    image_size at `slide_stride`), and resize the logits to the original mask before the metric."""
+
+    scale: tuple[int, int] | None = (
+        None  # (long, short) bound; None: (4, 1) x image_size, mmseg's (2048, 512)
+    )
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 1.0  # mmseg's ADE20K: 0.75; 1 turns the retries off
+    hflip: float = 0.5
+    photometric_distortion: bool = False  # mmseg's ADE20K: on
+    eval_mode: Literal["whole", "slide"] = "whole"
+    slide_stride: int | None = None  # None: two thirds of image_size, mmseg's 341 for 512
+
+    def validate(self) -> None:
+        if self.scale is not None and min(self.scale) < 1:
+            raise ValueError(f"scale must be positive, got {list(self.scale)}")
+        low, high = self.ratio_range
+        if not 0 < low <= high:
+            raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {list(self.ratio_range)}")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be in [0, 1], got {self.hflip}")
+        if self.slide_stride is not None and self.slide_stride < 1:
+            raise ValueError(f"slide_stride must be >= 1, got {self.slide_stride}")
+
+
+FORMAT_TRANSFORMS: dict[str, type] = {
+    "imagenet": ImageNetTransforms,
+    "coco": CocoTransforms,
+    "ade20k": Ade20kTransforms,
+}
 
 
 @dataclass
@@ -85,6 +192,15 @@ class DatasetConfig:
     # Classification training crops: RandomResizedCrop area range. timm/DeiT's (0.08, 1) suits
     # ImageNet photos; a dataset whose label needs the whole object in view wants a larger minimum.
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    # The format's transform settings: a mapping checked against FORMAT_TRANSFORMS[format] (an
+    # ImageNetTransforms, CocoTransforms or Ade20kTransforms); read it through `transform_settings()`.
+    transforms: dict[str, Any] = field(default_factory=dict)
+
+    def transform_settings(self) -> ImageNetTransforms | CocoTransforms | Ade20kTransforms:
+        """The `transforms` section as its format's settings class, defaults filled in."""
+        from moevit.config.loader import build_config  # the loader imports this module
+
+        return build_config(FORMAT_TRANSFORMS[self.format], self.transforms, source="transforms")
 
     def validate(self) -> None:
         if self.image_size < 1 or self.batch_size < 1:
@@ -92,6 +208,10 @@ class DatasetConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        try:
+            self.transform_settings()
+        except ConfigError as err:
+            raise ValueError(f"transforms (format {self.format}): {err.message}") from None
 
 
 @dataclass

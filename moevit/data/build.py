@@ -36,6 +36,9 @@ def build_dataset(task_type: str, data: DatasetConfig, train: bool) -> SkipCorru
     reader = READERS[data.format](data.root, split)
     return SkipCorrupt(
         TransformedDataset(
-            reader, build_transforms(task_type, train, data.image_size, crop_scale=data.crop_scale)
+            reader,
+            build_transforms(
+                task_type, train, data.image_size, data.transform_settings(), crop_scale=data.crop_scale
+            ),
         )
     )

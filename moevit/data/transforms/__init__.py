@@ -1,0 +1,67 @@
+"""Training and evaluation transforms for the three tasks, on sample dicts (torchvision.transforms.v2).
+
+v2 transforms read the tv_tensors in a sample (``Image``, ``BoundingBoxes``, ``Mask``) and apply the
+same geometry to all of them, so boxes and masks stay aligned with the image; other entries
+(``label``, ``key``, ``image_id``, ``num_skipped``) pass through unchanged. Every pipeline ends in a
+float32 image normalized with the ImageNet mean/std.
+
+Each task type's geometry lives in its own module (classification.py, detection.py,
+segmentation.py), driven by its format's settings (``moevit.config.schema.FORMAT_TRANSFORMS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from moevit.config.schema import Ade20kTransforms, CocoTransforms, ImageNetTransforms
+from moevit.data.transforms import classification, detection, segmentation
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's (and timm's) area range
+
+_GEOMETRY = {
+    "classification": (classification.geometry, ImageNetTransforms),
+    "detection": (detection.geometry, CocoTransforms),
+    "segmentation": (segmentation.geometry, Ade20kTransforms),
+}
+
+
+def build_transforms(
+    task_type: str,
+    train: bool,
+    image_size: int,
+    settings: ImageNetTransforms | CocoTransforms | Ade20kTransforms | None = None,
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Returns the transform applied to each sample dict of a ``task_type`` reader.
+
+    Args:
+        task_type: "classification", "detection" or "segmentation".
+        train: random augmentation (True) or the deterministic evaluation transform (False).
+        image_size: side of the square output image (crop, or padded canvas).
+        settings: the format's transform settings (``DatasetConfig.transform_settings()``); None:
+            the defaults of the task type's settings class.
+        crop_scale: classification train only: range of the crop's share of the image area.
+        mean: per-channel mean subtracted from the [0, 1] image.
+        std: per-channel standard deviation the image is divided by.
+    """
+    if task_type not in _GEOMETRY:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(_GEOMETRY)}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    geometry, settings_class = _GEOMETRY[task_type]
+    if settings is None:
+        settings = settings_class()
+    elif not isinstance(settings, settings_class):
+        raise TypeError(
+            f"{task_type} transforms take {settings_class.__name__}, got {type(settings).__name__}"
+        )
+    steps = geometry(train, image_size, settings, tuple(crop_scale))
+    # ToDtype with a single dtype converts images only; masks stay uint8 and boxes keep their values.
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
