@@ -6,15 +6,12 @@ same geometry to all of them, so boxes and masks stay aligned with the image; ot
 float32 image normalized with the ImageNet mean/std.
 
 Each task type's geometry lives in its own module (classification.py, detection.py,
-segmentation.py), driven by its format's settings (``moevit.config.schema.FORMAT_TRANSFORMS``).
+segmentation.py), each building its whole pipeline from its format's settings (``moevit.config.schema.FORMAT_TRANSFORMS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torchvision.transforms import v2
+from collections.abc import Callable, Sequence
 
 from moevit.config.schema import Ade20kTransforms, CocoTransforms, ImageNetTransforms
 from moevit.data.transforms import classification, detection, segmentation
@@ -23,10 +20,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's (and timm's) area range
 
-_GEOMETRY = {
-    "classification": (classification.geometry, ImageNetTransforms),
-    "detection": (detection.geometry, CocoTransforms),
-    "segmentation": (segmentation.geometry, Ade20kTransforms),
+_BUILDERS = {
+    "classification": (classification.build, ImageNetTransforms),
+    "detection": (detection.build, CocoTransforms),
+    "segmentation": (segmentation.build, Ade20kTransforms),
 }
 
 
@@ -38,7 +35,7 @@ def build_transforms(
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
+) -> Callable[[dict], dict]:
     """Returns the transform applied to each sample dict of a ``task_type`` reader.
 
     Args:
@@ -51,17 +48,15 @@ def build_transforms(
         mean: per-channel mean subtracted from the [0, 1] image.
         std: per-channel standard deviation the image is divided by.
     """
-    if task_type not in _GEOMETRY:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(_GEOMETRY)}")
+    if task_type not in _BUILDERS:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(_BUILDERS)}")
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    geometry, settings_class = _GEOMETRY[task_type]
+    build, settings_class = _BUILDERS[task_type]
     if settings is None:
         settings = settings_class()
     elif not isinstance(settings, settings_class):
         raise TypeError(
             f"{task_type} transforms take {settings_class.__name__}, got {type(settings).__name__}"
         )
-    steps = geometry(train, image_size, settings, tuple(crop_scale))
-    # ToDtype with a single dtype converts images only; masks stay uint8 and boxes keep their values.
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return build(train, image_size, settings, tuple(crop_scale), mean, std)

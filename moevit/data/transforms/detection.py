@@ -9,15 +9,30 @@ uses the width/height of the COCO image record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 from torchvision.transforms import v2
 
 from moevit.config.schema import CocoTransforms
 
 
-def geometry(
+def _geometry(
     train: bool, image_size: int, settings: CocoTransforms, crop_scale: tuple[float, float]
 ) -> list[Callable]:
     flip = [v2.RandomHorizontalFlip(settings.hflip)] if train else []
     return [v2.Resize((image_size, image_size), antialias=True), *flip, v2.SanitizeBoundingBoxes(min_size=1)]
+
+
+def build(
+    train: bool,
+    image_size: int,
+    settings: CocoTransforms,
+    crop_scale: tuple[float, float],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Callable[[dict], dict]:
+    """The sample-dict transform: geometry, then a float32 image normalized with `mean` / `std`."""
+    steps = _geometry(train, image_size, settings, crop_scale)
+    # ToDtype with a single dtype converts images only; masks stay uint8 and boxes keep their values.
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])

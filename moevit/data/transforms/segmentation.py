@@ -9,8 +9,9 @@ measured at that resolution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -20,7 +21,7 @@ from moevit.config.schema import Ade20kTransforms
 SEGMENTATION_SCALE_RANGE = (0.5, 2.0)
 
 
-def geometry(
+def _geometry(
     train: bool, image_size: int, settings: Ade20kTransforms, crop_scale: tuple[float, float]
 ) -> list[Callable]:
     if not train:
@@ -34,3 +35,17 @@ def geometry(
         ),
         v2.RandomHorizontalFlip(settings.hflip),
     ]
+
+
+def build(
+    train: bool,
+    image_size: int,
+    settings: Ade20kTransforms,
+    crop_scale: tuple[float, float],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Callable[[dict], dict]:
+    """The sample-dict transform: geometry, then a float32 image normalized with `mean` / `std`."""
+    steps = _geometry(train, image_size, settings, crop_scale)
+    # ToDtype with a single dtype converts images only; masks stay uint8 and boxes keep their values.
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
