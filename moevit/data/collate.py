@@ -4,7 +4,10 @@ Batches are plain tensors (tv_tensor wrappers removed) plus Python lists:
 
 - classification: ``{"images": (B, 3, H, W) float, "labels": (B,) int64, "keys", "num_skipped"}``
 - detection: ``{"images", "targets": [{"boxes": (N, 4) float XYXY in the transformed image's pixels,
-  "labels": (N,) int64}, ...], "image_ids": list[int], "keys", "num_skipped"}``
+  "labels": (N,) int64}, ...], "image_ids": list[int], "image_sizes", "original_sizes", "scales",
+  "keys", "num_skipped"}``; each image sits in the top left of its padded canvas, and the per-image
+  lists give its valid extent (h, w) there (torchvision's ``ImageList.image_sizes``), its original
+  (H, W) and its resize factors (height, width) (see moevit.data.transforms.detection)
 - segmentation: ``{"images", "masks": (B, H, W) int64 (255 = ignore), "keys", "num_skipped"}``
 
 ``num_skipped`` sums the samples' ``"num_skipped"`` (set by ``SkipCorrupt``; 0 when absent): the number
@@ -55,7 +58,22 @@ def collate_detection(samples: Sequence[dict]) -> dict:
         for sample in samples
     ]
     batch["image_ids"] = [int(sample["image_id"]) for sample in samples]
+    for batch_key, sample_key in _DETECTION_GEOMETRY.items():
+        batch[batch_key] = [_geometry_entry(sample, sample_key) for sample in samples]
     return batch
+
+
+# batch key -> the sample key the detection transforms record it under
+_DETECTION_GEOMETRY = {"image_sizes": "valid_size", "original_sizes": "original_size", "scales": "scale"}
+
+
+def _geometry_entry(sample: dict, key: str) -> tuple:
+    if key not in sample:
+        raise KeyError(
+            f"detection sample {sample.get('key')!r} has no {key!r}; "
+            "apply moevit.data.transforms.build_transforms first (it records the image's geometry)"
+        )
+    return tuple(sample[key])
 
 
 def collate_segmentation(samples: Sequence[dict]) -> dict:

@@ -3,9 +3,13 @@
 Detections are written in COCO's results format (https://cocodataset.org/#format-results):
 ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` with the category id mapped back from
 the contiguous label (``CocoDetection.label_to_cat_id``; COCO's ids have gaps) and the box in the
-ORIGINAL image's pixels: the evaluation transform resized every image to a fixed square, so boxes
-predicted in network-input pixels are scaled by (record width / input width, record height / input
-height) of the COCO image record.
+ORIGINAL image's pixels. The evaluation transform (moevit.data.transforms.detection) resized each
+image, keeping its aspect ratio, to its own size and padded it bottom/right to the batch's square, so
+a box predicted in canvas pixels is divided by that image's own resize factors (the batch's
+``scales``, one (height, width) pair per image; the padding shifts nothing) and clipped to the
+original image, whose size the COCO image record gives (the valid extent divided by the scale is the
+original image, so this is also the clip to the valid extent). The batch's ``original_sizes`` must agree
+with the record: a mismatch means the batch and the image ids do not belong together.
 
 ``COCOeval(iouType="bbox")`` then runs with ``params.imgIds`` restricted to the images evaluated
 (``max_batches`` may cover part of the split), so crowd regions are "ignore" and AP is exactly the
@@ -29,6 +33,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from moevit.data.transforms.detection import boxes_to_original
 from moevit.eval.distributed import DedupedMetric, sample_ids
 
 logger = logging.getLogger(__name__)
@@ -96,27 +101,47 @@ class CocoMetric(DedupedMetric):
         """Records the detections of the batch's images, identified by ``batch["image_ids"]``.
 
         Args:
-            detections: per image ``{"boxes" (N, 4) XYXY in the input image's pixels, "scores" (N,),
+            detections: per image ``{"boxes" (N, 4) XYXY in canvas pixels, "scores" (N,),
                 "labels" (N,) in 0..C-1}``.
-            batch: a detection batch with ``"images"`` (B, 3, H, W) and ``"image_ids"`` (COCO ids).
+            batch: a detection batch (moevit.data.collate) with per image ``"image_ids"`` (COCO ids),
+                ``"scales"`` (resize factors (height, width) from original to canvas pixels) and
+                ``"original_sizes"`` ((H, W) of the original image).
         """
-        if "images" not in batch:
-            raise KeyError(f"CocoMetric: the batch has no 'images' entry (it has {sorted(batch)})")
-        input_height, input_width = batch["images"].shape[-2:]
         image_ids = sample_ids(batch, "image_ids", len(detections), "CocoMetric")
+        scales = self._per_image(batch, "scales", len(detections))
+        original_sizes = self._per_image(batch, "original_sizes", len(detections))
         records = []
-        for image_id, detection in zip(image_ids, detections):
+        for image_id, detection, scale, original_size in zip(image_ids, detections, scales, original_sizes):
             if image_id not in self.coco_gt.imgs:
                 raise ValueError(
                     f"CocoMetric: image id {image_id} is not in the ground-truth annotation file"
                 )
             record = self.coco_gt.imgs[image_id]
-            scale = (record["width"] / input_width, record["height"] / input_height)
-            records.append(self._results(int(image_id), detection, scale))
+            if tuple(original_size) != (record["height"], record["width"]):
+                raise ValueError(
+                    f"CocoMetric: image {image_id} is {record['height']}x{record['width']} (HxW) in the "
+                    f"annotation file but {tuple(original_size)} in the batch's original_sizes"
+                )
+            records.append(self._results(int(image_id), detection, scale, original_size))
         self._add(image_ids, records)
 
+    @staticmethod
+    def _per_image(batch: Mapping[str, Any], key: str, count: int) -> list:
+        if key not in batch:
+            raise KeyError(
+                f"CocoMetric: the batch has no {key!r} entry (it has {sorted(batch)}); "
+                "collate it with moevit.data.collate.collate_detection after the detection transforms"
+            )
+        if len(batch[key]) != count:
+            raise ValueError(f"CocoMetric: {count} detections but {len(batch[key])} {key}")
+        return list(batch[key])
+
     def _results(
-        self, image_id: int, detection: Mapping[str, torch.Tensor], scale: tuple[float, float]
+        self,
+        image_id: int,
+        detection: Mapping[str, torch.Tensor],
+        scale: Sequence[float],
+        original_size: Sequence[int],
     ) -> list:
         missing = [key for key in ("boxes", "scores", "labels") if key not in detection]
         if missing:
@@ -134,9 +159,12 @@ class CocoMetric(DedupedMetric):
             raise ValueError(
                 f"CocoMetric: image {image_id}: labels {bad_labels} outside [0, {len(self.label_to_cat_id)})"
             )
-        scale_x, scale_y = scale
+        height, width = original_size
+        boxes = boxes_to_original(boxes, scale)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         x1, y1, x2, y2 = boxes.unbind(dim=1)
-        xywh = torch.stack([x1 * scale_x, y1 * scale_y, (x2 - x1) * scale_x, (y2 - y1) * scale_y], dim=1)
+        xywh = torch.stack([x1, y1, x2 - x1, y2 - y1], dim=1)
         return [
             {"image_id": image_id, "category_id": self.label_to_cat_id[label], "bbox": box, "score": score}
             for box, score, label in zip(xywh.tolist(), scores, labels)

@@ -24,6 +24,13 @@ backbone the detector could call on images. So this head calls RetinaNet's own p
 `RetinaNet.forward` does (`head`, `anchor_generator`, `compute_loss` / `postprocess_detections`)
 and leaves out the transform: the input image's pixels are the detector's pixels, boxes need no
 rescaling either way, and `RetinaNet.transform` is never run.
+
+Padding: each image fills the top left of its square canvas up to its valid extent (h, w), given per
+image as the batch's ``image_sizes`` (moevit.data.collate); padding lies below and to the right, so
+canvas and image pixels coincide. Anchors tile the whole canvas (as torchvision anchors the padded
+batch tensor); training targets are canvas pixels; detections are clipped to each image's valid
+extent, which `postprocess_detections` does from the `ImageList`'s `image_sizes`. Without
+``image_sizes`` every image fills its canvas.
 """
 
 from __future__ import annotations
@@ -67,6 +74,23 @@ def check_targets(targets: Sequence[dict], num_images: int, num_classes: int) ->
             raise ValueError(
                 f"{where}: box {boxes[degenerate][0].tolist()} has no area (expected x1 < x2, y1 < y2)"
             )
+
+
+def valid_sizes(
+    image_sizes: Sequence[Sequence[int]] | None, num_images: int, canvas: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """Each image's valid (h, w) inside the canvas, checked; None: every image fills the canvas."""
+    if image_sizes is None:
+        return [canvas] * num_images
+    if len(image_sizes) != num_images:
+        raise ValueError(f"DetectionHead: {num_images} images but {len(image_sizes)} image_sizes")
+    sizes = [(int(height), int(width)) for height, width in image_sizes]
+    outside = [size for size in sizes if not (0 < size[0] <= canvas[0] and 0 < size[1] <= canvas[1])]
+    if outside:
+        raise ValueError(
+            f"DetectionHead: image_sizes {outside} do not fit the {canvas[0]}x{canvas[1]} canvas"
+        )
+    return sizes
 
 
 class DetectionHead(nn.Module):
@@ -149,7 +173,12 @@ class DetectionHead(nn.Module):
             topk_candidates=topk_candidates,
         )
 
-    def _run(self, feature_map: torch.Tensor, images: torch.Tensor):
+    def _run(
+        self,
+        feature_map: torch.Tensor,
+        images: torch.Tensor,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ):
         if images.ndim != 4 or feature_map.ndim != 4 or images.shape[0] != feature_map.shape[0]:
             raise ValueError(
                 f"DetectionHead expects images (B, 3, H, W) and a map (B, D, H/p, W/p), "
@@ -168,7 +197,7 @@ class DetectionHead(nn.Module):
         # Box coding, losses and NMS in float32 even when the model runs in bf16: bf16 holds whole
         # pixel coordinates exactly only up to 256. The anchor generator takes its dtype from the maps.
         head_outputs = {name: output.float() for name, output in self.detector.head(features).items()}
-        image_list = ImageList(images, [(height, width)] * images.shape[0])
+        image_list = ImageList(images, valid_sizes(image_sizes, images.shape[0], (height, width)))
         anchors = self.detector.anchor_generator(image_list, [f.float() for f in features])
         anchors_per_location = self.detector.anchor_generator.num_anchors_per_location()
         anchors_per_level = [f.shape[2] * f.shape[3] * a for f, a in zip(features, anchors_per_location)]
@@ -184,22 +213,34 @@ class DetectionHead(nn.Module):
         losses["loss"] = sum(losses[name] for name in LOSS_PARTS)
         return losses
 
-    def detections(self, feature_map: torch.Tensor, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Per image {"boxes" (N, 4) XYXY input pixels, "scores" (N,), "labels" (N,) in 0..C-1}."""
-        head_outputs, anchors, anchors_per_level, image_sizes = self._run(feature_map, images)
+    def detections(
+        self,
+        feature_map: torch.Tensor,
+        images: torch.Tensor,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per image {"boxes" (N, 4) XYXY canvas pixels inside the image's valid extent (h, w) of
+        `image_sizes` (None: the whole canvas), "scores" (N,), "labels" (N,) in 0..C-1}."""
+        head_outputs, anchors, anchors_per_level, image_sizes = self._run(feature_map, images, image_sizes)
         outputs_by_level = {
             name: list(out.split(anchors_per_level, dim=1)) for name, out in head_outputs.items()
         }
         anchors_by_level = [list(a.split(anchors_per_level)) for a in anchors]
         return self.detector.postprocess_detections(outputs_by_level, anchors_by_level, image_sizes)
 
-    def forward(self, feature_map: torch.Tensor, images: torch.Tensor, targets: Sequence[dict] | None = None):
+    def forward(
+        self,
+        feature_map: torch.Tensor,
+        images: torch.Tensor,
+        targets: Sequence[dict] | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ):
         """Losses in training mode (targets required), detections in eval mode, as torchvision's."""
         if self.training:
             if targets is None:
                 raise ValueError("DetectionHead in training mode needs targets")
             return self.losses(feature_map, images, targets)
-        return self.detections(feature_map, images)
+        return self.detections(feature_map, images, image_sizes)
 
     def forward_loss(self, backbone_out: BackboneOutput, batch: dict) -> dict[str, torch.Tensor]:
         (feature_map,) = requested_maps(backbone_out, self.feature_indices, "DetectionHead")
@@ -208,4 +249,5 @@ class DetectionHead(nn.Module):
 
     def predict(self, backbone_out: BackboneOutput, batch: dict) -> list[dict[str, torch.Tensor]]:
         (feature_map,) = requested_maps(backbone_out, self.feature_indices, "DetectionHead")
-        return self.detections(feature_map, batch_entry(batch, "images", "DetectionHead"))
+        images = batch_entry(batch, "images", "DetectionHead")
+        return self.detections(feature_map, images, batch.get("image_sizes"))

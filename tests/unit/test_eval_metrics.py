@@ -14,7 +14,10 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision import tv_tensors
 
+from moevit.data.collate import collate_detection
+from moevit.data.transforms import build_transforms
 from moevit.eval import (
     ClassificationMetric,
     CocoMetric,
@@ -73,7 +76,7 @@ def test_classification_rejects_bad_input():
 
 # ---------------------------------------------------------------- COCO
 
-INPUT_SIZE = 64  # the square network input the boxes are predicted in
+INPUT_SIZE = 64  # the square canvas the boxes are predicted in
 CATEGORY_IDS = [1, 3, 7]  # gapped, as COCO's
 IMAGES = {1: (200, 100), 2: (120, 160), 3: (80, 80), 4: (64, 48)}  # id -> (width, height); 4 has no box
 BOXES = [  # (image id, category id, xywh in original pixels, iscrowd)
@@ -125,26 +128,41 @@ def direct_cocoeval(
     return [float(evaluator.stats[0]), float(evaluator.stats[1])]
 
 
-def to_input_xyxy(image_id: int, xywh: list[float]) -> list[float]:
-    width, height = IMAGES[image_id]
-    x, y, w, h = xywh
-    sx, sy = INPUT_SIZE / width, INPUT_SIZE / height
-    return [x * sx, y * sy, (x + w) * sx, (y + h) * sy]
+EVAL_TRANSFORM = build_transforms("detection", train=False, image_size=INPUT_SIZE)
+
+
+def canvas_batch(per_image: dict[int, list[tuple[int, list[float], float]]]) -> tuple[list[dict], dict]:
+    """{image id: [(category id, xywh original pixels, score)]} -> (detections, batch) as the head would
+    predict them at INPUT_SIZE: each image and its boxes through the eval transform (its own
+    aspect-preserving resize, padded bottom/right to the square), then collated."""
+    samples, detections = [], []
+    for image_id, predictions in per_image.items():
+        width, height = IMAGES[image_id]
+        xyxy = [[x, y, x + w, y + h] for _, (x, y, w, h), _ in predictions]
+        sample = EVAL_TRANSFORM(
+            {
+                "image": tv_tensors.Image(torch.zeros(3, height, width, dtype=torch.uint8)),
+                "boxes": tv_tensors.BoundingBoxes(
+                    torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
+                    format="XYXY",
+                    canvas_size=(height, width),
+                ),
+                "labels": torch.tensor([CATEGORY_IDS.index(c) for c, _, _ in predictions], dtype=torch.int64),
+                "image_id": image_id,
+            }
+        )
+        assert len(sample["boxes"]) == len(predictions)  # none dropped, so the scores stay aligned
+        samples.append(sample)
+        scores = torch.tensor([score for *_, score in predictions], dtype=torch.float32)
+        detections.append(
+            {"boxes": sample["boxes"].as_subclass(torch.Tensor), "scores": scores, "labels": sample["labels"]}
+        )
+    return detections, collate_detection(samples)
 
 
 def detection_update(metric: CocoMetric, per_image: dict[int, list[tuple[int, list[float], float]]]) -> None:
-    """Feeds {image id: [(category id, xywh original pixels, score)]} as the head would predict it."""
-    image_ids = list(per_image)
-    detections = [
-        {
-            "boxes": torch.tensor([to_input_xyxy(i, box) for _, box, _ in per_image[i]]).reshape(-1, 4),
-            "scores": torch.tensor([score for *_, score in per_image[i]]),
-            "labels": torch.tensor([CATEGORY_IDS.index(c) for c, _, _ in per_image[i]], dtype=torch.int64),
-        }
-        for i in image_ids
-    ]
-    batch = {"images": torch.zeros(len(image_ids), 3, INPUT_SIZE, INPUT_SIZE), "image_ids": image_ids}
-    metric.update(detections, batch)
+    """Feeds {image id: [(category id, xywh original pixels, score)]} as predicted at INPUT_SIZE."""
+    metric.update(*canvas_batch(per_image))
 
 
 def perfect_detections(image_ids) -> dict:
@@ -187,13 +205,37 @@ def test_results_are_in_original_pixels_with_coco_category_ids(coco_json):
         assert result["bbox"] == pytest.approx(reference["bbox"], abs=1e-4)
 
 
-def test_shifted_detections_match_cocoeval_run_directly(coco_json):
+def test_ap_of_boxes_predicted_at_a_rescaled_resolution_equals_cocoeval_on_the_original_boxes(coco_json):
+    # Ground-truth boxes, moved and resized by different amounts, scored, taken to each image's own
+    # canvas resolution (0.32x to 1x here, in batches of mixed aspect ratios) and mapped back by CocoMetric.
+    detections, batch = canvas_batch(shifted_detections())
+    assert batch["image_sizes"] == [(32, 64), (64, 48), (64, 64), (48, 64)]
     metric = CocoMetric(load_coco(coco_json), CATEGORY_IDS)
-    detection_update(metric, shifted_detections())
+    metric.update(detections, batch)
     ours = metric.compute()
     direct = direct_cocoeval(coco_json, as_results(shifted_detections()))
     assert 0.0 < ours["bbox_mAP"] < ours["bbox_mAP_50"] < 1.0
     assert [ours["bbox_mAP"], ours["bbox_mAP_50"]] == pytest.approx(direct, abs=1e-12)
+    # Scaling by the batch's input size instead of each image's own scale (the old squash) is wrong.
+    squashed = CocoMetric(load_coco(coco_json), CATEGORY_IDS)
+    squashed.update(
+        detections,
+        {**batch, "scales": [(INPUT_SIZE / h, INPUT_SIZE / w) for h, w in batch["original_sizes"]]},
+    )
+    assert squashed.compute()["bbox_mAP"] != pytest.approx(direct[0], abs=1e-3)
+
+
+def test_boxes_reaching_into_the_padding_are_clipped_to_the_original_image(coco_json):
+    metric = CocoMetric(load_coco(coco_json), CATEGORY_IDS)
+    # Image 1 (200 x 100) fills 64 x 32 of the 64 px canvas (scale 0.32); this box crosses into the padding.
+    detection = {
+        "boxes": torch.tensor([[50.0, 20.0, 70.0, 40.0]]),
+        "scores": torch.ones(1),
+        "labels": torch.tensor([0]),
+    }
+    metric.update([detection], {"image_ids": [1], "scales": [(0.32, 0.32)], "original_sizes": [(100, 200)]})
+    (result,) = metric.results()
+    assert result["bbox"] == pytest.approx([156.25, 62.5, 200 - 156.25, 100 - 62.5])
 
 
 def test_only_the_evaluated_images_count(coco_json):
@@ -229,10 +271,24 @@ def test_pycocotools_prints_nothing(coco_json, capsys):
 def test_coco_rejects_bad_input(coco_json):
     metric = CocoMetric(load_coco(coco_json), CATEGORY_IDS)
     with pytest.raises(ValueError, match="image id 99 is not in the ground-truth"):
-        detection_update(metric, {99: []})
+        metric.update(
+            [
+                {
+                    "boxes": torch.zeros(0, 4),
+                    "scores": torch.zeros(0),
+                    "labels": torch.zeros(0, dtype=torch.int64),
+                }
+            ],
+            {"image_ids": [99], "scales": [(1.0, 1.0)], "original_sizes": [(10, 10)]},
+        )
     detections = [{"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "labels": torch.tensor([3])}]
+    geometry = {"scales": [(1.0, 1.0)], "original_sizes": [(100, 200)]}
     with pytest.raises(ValueError, match=r"labels \[3\] outside \[0, 3\)"):
-        metric.update(detections, {"images": torch.zeros(1, 3, 8, 8), "image_ids": [1]})
+        metric.update(detections, {"image_ids": [1], **geometry})
+    with pytest.raises(KeyError, match="no 'scales' entry"):
+        metric.update(detections, {"image_ids": [1], "original_sizes": [(100, 200)]})
+    with pytest.raises(ValueError, match=r"100x200 \(HxW\) in the annotation file but \(200, 100\)"):
+        metric.update(detections, {"image_ids": [1], "scales": [(1.0, 1.0)], "original_sizes": [(200, 100)]})
     with pytest.raises(ValueError, match=r"category ids \[2\]"):
         CocoMetric(load_coco(coco_json), [1, 2])
 

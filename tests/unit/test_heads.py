@@ -191,6 +191,24 @@ def test_detection_predictions_lie_in_the_image_with_contiguous_labels():
         assert (scores[:-1] >= scores[1:]).all()
 
 
+def test_detection_boxes_are_clipped_to_each_images_valid_extent():
+    model = make_model(det={"score_thresh": 0.0, "detections_per_img": 200})  # every candidate is returned
+    model.eval()
+    batch = make_batch("det", batch_size=3)
+    valid = [(IMAGE_SIZE, 24), (40, IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE)]  # (h, w) inside the 64 px canvas
+    unclipped = model.predict("det", batch)
+    clipped = model.predict("det", {**batch, "image_sizes": valid})
+    for (height, width), before, after in zip(valid, unclipped, clipped):
+        boxes = after["boxes"]
+        assert (boxes >= 0).all() and (boxes[:, 0::2] <= width).all() and (boxes[:, 1::2] <= height).all()
+        if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
+            # Some candidates over the whole canvas reached into what is padding for this image.
+            assert (before["boxes"][:, 2] > width).any() or (before["boxes"][:, 3] > height).any()
+    assert torch.equal(clipped[2]["boxes"], unclipped[2]["boxes"])  # a full image is unchanged
+    with pytest.raises(ValueError, match=r"image_sizes \[\(65, 64\)\] do not fit the 64x64 canvas"):
+        model.predict("det", {**batch, "image_sizes": [(65, IMAGE_SIZE), *valid[1:]]})
+
+
 def test_detection_forward_follows_the_training_flag():
     model = make_model()
     head = model.heads["det"]

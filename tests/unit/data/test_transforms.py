@@ -81,10 +81,11 @@ def test_detection_resize_scales_boxes_and_drops_those_under_one_pixel():
     )
     sample["labels"] = torch.tensor([7, 8])
     out = build_transforms("detection", train=False, image_size=20)(sample)
-    # x scales by 0.2 and y by 0.4; the 4 px wide box becomes 0.8 px and is dropped with its label.
-    assert out["boxes"].tolist() == [[4.0, 4.0, 12.0, 16.0]]
+    # The longest side fits 20 px, keeping the aspect ratio: both axes scale by 0.2, the image covers
+    # the top 10 rows of the 20 px canvas, and the 4 px wide box becomes 0.8 px and is dropped with its label.
+    assert out["boxes"].tolist() == [[4.0, 2.0, 12.0, 8.0]]
     assert out["labels"].tolist() == [7]
-    assert tuple(out["boxes"].canvas_size) == (20, 20)
+    assert tuple(out["boxes"].canvas_size) == (20, 20) and out["valid_size"] == (10, 20)
 
 
 def test_segmentation_train_keeps_mask_aligned_and_pads_with_ignore():
