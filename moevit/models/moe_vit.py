@@ -135,7 +135,8 @@ class MoEViT(nn.Module):
             else None
         )
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the CPU whatever the default device: a model built on the meta device (sizing) needs the values.
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList()
         for i in range(depth):
             block = TaskBlock(

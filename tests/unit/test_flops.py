@@ -135,6 +135,17 @@ def test_windowed_sdpa_count_matches_fvcore_when_attention_is_unfused():
     assert fvcore_flops(model, 32, "a")["gflops"] == pytest.approx(analytic["gflops"], rel=1e-6)
 
 
+def test_a_model_built_on_the_meta_device_counts_the_same():
+    """Sizing a full-size config (`moevit plan`) builds it on the meta device, without allocating it."""
+    overrides = dict(window_size=3, global_blocks=[1], img_size=64)
+    with torch.device("meta"):
+        meta = moevit.create_model("moevit_debug", tasks=list(TASKS), **overrides)
+    assert next(meta.parameters()).is_meta
+    real = make(**overrides)
+    assert analytic_flops(meta, (64, 40), "a") == analytic_flops(real, (64, 40), "a")
+    assert count_parameters(meta) == count_parameters(real)
+
+
 def test_expert_flops_scale_with_top_k_not_with_num_experts():
     def expert_flops(num_experts, top_k):
         return analytic_flops(make(num_experts=num_experts, top_k=top_k), 32, "a")["flops"]["mlp_experts"]
