@@ -61,7 +61,8 @@ class Manifest:
     """Args:
     tasks: the tasks the pruned model serves (their routers and heads are kept).
     model_name: registered variant (moevit.models.variants).
-    model_args: its constructor overrides, without `tasks` and `num_experts`; `moe_layers` as indices.
+    model_args: its constructor overrides, without `tasks` and `num_experts`; `moe_layers` as indices, and
+        `window_size` / `global_blocks` whenever the model attends in windows (absent: global attention).
     kept_experts: "blocks.<i>.mlp" -> sorted ids (in the source model) of the experts kept.
     heads: task -> {"type", "num_classes", "image_size", "head_options"}.
     extra: provenance (source checkpoint, criterion, usage source), written as is.

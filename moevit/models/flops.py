@@ -9,6 +9,9 @@ Conventions (the numbers mean nothing without them):
   adds, position-embedding resampling, top-k selection, and the dispatch gather/scatter.
 - Sparse layers count the rows they compute: K expert rows per token, not E (dropless routing
   gives every token exactly K rows).
+- Windowed attention (ViTDet, `window_size` w > 0) counts what it computes: the grid padded to a
+  multiple of w goes through the qkv and output projections and each w x w window attends within
+  itself (padding included); the prefix tokens attend among themselves, as a second call.
 - fvcore (`FlopCountAnalysis`) counts one multiply-add as one flop and skips
   `scaled_dot_product_attention`; it also estimates LayerNorm at 5 flops per element. The
   comparison therefore takes fvcore's contraction operators x 2 and sets them against the
@@ -25,6 +28,7 @@ embeddings are never used by this task and are left out of both its task total a
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 import warnings
 from collections import Counter
@@ -114,13 +118,19 @@ def analytic_flops(model: MoEViT, image_size: int | tuple[int, int], task: str) 
     if task not in model.tasks:
         raise KeyError(f"unknown task {task!r}; this model has {model.tasks}")
     height, width = _image_hw(model, image_size)
-    grid = (height // model.patch_size) * (width // model.patch_size)
+    grid_hw = (height // model.patch_size, width // model.patch_size)
+    grid = grid_hw[0] * grid_hw[1]
     tokens = model.num_prefix_tokens + grid
     macs: Counter[str] = Counter({component: 0 for component in ANALYTIC_COMPONENTS})
     patch_conv = model.patch_embed.proj
     macs["patch_embed"] += grid * patch_conv.weight.numel()  # one output column per patch, stride = kernel
     for i, block in enumerate(model.blocks):
-        _count_attention(macs, block.attn, tokens, f"blocks.{i}.attn")
+        if block.window_size:
+            _count_windowed_attention(
+                macs, block.attn, grid_hw, block.window_size, model.num_prefix_tokens, f"blocks.{i}.attn"
+            )
+        else:
+            _count_attention(macs, block.attn, tokens, f"blocks.{i}.attn")
         _count_mlp(macs, block.mlp, tokens, f"blocks.{i}.mlp")
     flops = {component: 2 * count for component, count in macs.items()}
     total = sum(flops.values())
@@ -149,10 +159,27 @@ def _count_attention(macs: Counter[str], attn: nn.Module, tokens: int, name: str
         macs["moa_sdpa"] += 2 * rows * tokens * attn.head_dim  # scores over all keys, then values
         macs["expert_combine"] += rows * attn.dim
     elif isinstance(attn, Attention):
-        macs["attention_projections"] += _linear_macs(attn, tokens)
-        macs["attention_sdpa"] += 2 * attn.num_heads * tokens * tokens * attn.head_dim
+        _count_dense_attention(macs, attn, tokens)
     else:
         raise TypeError(f"{name}: no FLOP formula for attention layer {type(attn).__name__}")
+
+
+def _count_dense_attention(macs: Counter[str], attn: Attention, tokens: int, calls: int = 1) -> None:
+    """timm's Attention run `calls` times on `tokens` tokens each."""
+    macs["attention_projections"] += calls * _linear_macs(attn, tokens)
+    macs["attention_sdpa"] += calls * 2 * attn.num_heads * tokens * tokens * attn.head_dim
+
+
+def _count_windowed_attention(
+    macs: Counter[str], attn: nn.Module, grid_hw: tuple[int, int], window: int, prefix: int, name: str
+) -> None:
+    """timm's Attention once on every zero-padded w x w window, once on the prefix tokens (block.py)."""
+    if not isinstance(attn, Attention):  # the model refuses anything else in a windowed block
+        raise TypeError(f"{name}: no FLOP formula for windowed attention layer {type(attn).__name__}")
+    windows = math.ceil(grid_hw[0] / window) * math.ceil(grid_hw[1] / window)
+    _count_dense_attention(macs, attn, window * window, calls=windows)
+    if prefix:
+        _count_dense_attention(macs, attn, prefix)
 
 
 def _count_mlp(macs: Counter[str], mlp: nn.Module, tokens: int, name: str) -> None:

@@ -3,8 +3,9 @@
 A ViT (Dosovitskiy et al. 2021) made of timm's parts: patch embedding, attention blocks, norms
 and position-embedding resampling. Selected blocks replace their MLP with `MoEMlp` (experts
 shared by all tasks, one router per task, as in Mod-Squad, Chen et al. CVPR 2023) and,
-optionally, their attention with a mixture of attention heads. Parameter names follow timm's
-`VisionTransformer`, so dense weights load by name (see `upcycle.py`).
+optionally, their attention with a mixture of attention heads. For high-resolution inputs, blocks
+can attend within windows of the patch grid, a few global blocks excepted (ViTDet, `window_size`).
+Parameter names follow timm's `VisionTransformer`, so dense weights load by name (see `upcycle.py`).
 
 Single-device code: expert parallelism is applied from outside (moevit.parallel).
 """
@@ -65,6 +66,10 @@ class MoEViT(nn.Module):
             (continual learning: tasks trained before an expansion keep their experts, bit for bit;
             see moevit.continual); or task -> {block index: n}, per MoE block (a pruned expanded
             model, see moevit.prune). Tasks not named route among all experts of the layer.
+        window_size: ViTDet's windowed attention: blocks not in `global_blocks` attend within
+            window_size x window_size windows of the patch grid (zero-padded to a multiple of it),
+            their prefix tokens among themselves only (see block.py); 0 = global attention everywhere.
+        global_blocks: indices of the blocks that attend over all tokens when `window_size` > 0.
     """
 
     def __init__(
@@ -89,6 +94,8 @@ class MoEViT(nn.Module):
         drop_path_rate: float = 0.0,
         class_token: bool = True,
         task_experts: Mapping[str, int | Mapping[int, int]] | None = None,
+        window_size: int = 0,
+        global_blocks: Sequence[int] = (),
     ):
         super().__init__()
         if not tasks:
@@ -102,6 +109,14 @@ class MoEViT(nn.Module):
         self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
         expert_hidden = expert_hidden or int(embed_dim * mlp_ratio)
         mlp_specs = moe_mlp_specs(self.moe_layer_indices, num_experts, top_k, self.tasks, task_experts)
+        self.window_size, self.global_blocks = _check_windows(window_size, global_blocks, depth)
+        windowed = [i for i in range(depth) if window_size and i not in self.global_blocks]
+        windowed_moa = [i for i in windowed if i in mlp_specs] if attention_experts else []
+        if windowed_moa:
+            raise ValueError(
+                f"attention_experts > 0 (mixture of attention heads) cannot run in windowed blocks "
+                f"{windowed_moa}: add them to global_blocks or set window_size 0"
+            )
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -120,10 +135,18 @@ class MoEViT(nn.Module):
             else None
         )
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the CPU whatever the default device: a model built on the meta device (sizing) needs the values.
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList()
         for i in range(depth):
-            block = TaskBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path[i])
+            block = TaskBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=drop_path[i],
+                window_size=window_size if i in windowed else 0,
+            )
             spec = mlp_specs.get(i)
             if spec is not None:
                 block.mlp = (
@@ -184,7 +207,7 @@ class MoEViT(nn.Module):
 
         out = BackboneOutput(tokens=x)
         for i, block in enumerate(self.blocks):
-            x, block_routing = block(x, task)
+            x, block_routing = block(x, task, (grid_h, grid_w))
             for name, routing in block_routing.items():
                 out.routing[f"blocks.{i}.{name}"] = routing
             if i in wanted:
@@ -224,6 +247,13 @@ class MoEViT(nn.Module):
         return x + pos_embed
 
     # ---------------------------------------------------------- introspection
+    def window_args(self) -> dict:
+        """The constructor arguments of the windowed attention, {} when every block is global: what a
+        saved record must carry to rebuild this model (moevit.prune.extract)."""
+        if not self.window_size:
+            return {}
+        return {"window_size": self.window_size, "global_blocks": list(self.global_blocks)}
+
     def mlp_layers(self) -> dict[str, MoEMlp]:
         """The MoE MLP layers by name (`blocks.<i>.mlp`), in forward order: the experts pruning and
         continual learning act on (attention-head experts are left whole)."""
@@ -252,3 +282,15 @@ class MoEViT(nn.Module):
         if self.task_embed is not None:
             names |= {f"task_embed.{task}" for task in self.tasks}
         return names
+
+
+def _check_windows(window_size: int, global_blocks: Sequence[int], depth: int) -> tuple[int, tuple[int, ...]]:
+    """(window_size, sorted global block indices); ValueError naming a bad value."""
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+        raise ValueError(f"window_size must be an int >= 0 (0: global attention), got {window_size!r}")
+    bad = [i for i in global_blocks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"global_blocks {bad} are not block indices of this {depth}-block model (0..{depth - 1})"
+        )
+    return window_size, tuple(sorted(set(global_blocks)))

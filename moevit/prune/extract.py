@@ -95,6 +95,9 @@ def make_manifest(
     """The manifest of `backbone` (built from `cfg`) pruned to `tasks` and `plan`."""
     args = {k: v for k, v in cfg.model.variant_overrides().items() if k != "num_experts"}
     args["moe_layers"] = list(backbone.moe_layer_indices)  # explicit: the keys of the per-block counts
+    # Explicit too: a windowed variant default would otherwise be lost if the variant changed. Absent
+    # (global attention) keeps the manifests of unwindowed models as they were.
+    args.update(backbone.window_args())
     heads = {
         task: {
             "type": cfg.tasks[task].type,

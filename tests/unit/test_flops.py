@@ -112,6 +112,40 @@ def test_analytic_flops_match_hand_formula_on_a_non_square_image():
     assert result["gflops_sdpa"] == pytest.approx(2 * expected_macs["attention_sdpa"] / 1e9)
 
 
+def test_windowed_attention_flops_count_padded_windows_and_the_prefix_call():
+    # 8x12 image: a 2x3 grid, padded to 2x4 for 2x2 windows (2 windows of 4 tokens); block 1 stays global.
+    windowed = analytic_flops(make(**TINY, window_size=2, global_blocks=[1]), (8, 12), "a")
+    plain = analytic_flops(make(**TINY), (8, 12), "a")
+    heads, head_dim, tokens = 2, D // 2, 1 + 6
+    window_rows, prefix_rows = 2 * 4, 1
+    assert windowed["tokens"] == tokens
+    assert windowed["flops"]["attention_projections"] == 2 * (window_rows + prefix_rows + tokens) * 4 * D * D
+    assert windowed["flops"]["attention_sdpa"] == 2 * 2 * heads * head_dim * (
+        2 * 4 * 4 + 1 * 1 + tokens * tokens
+    )
+    unchanged = [c for c in plain["flops"] if not c.startswith("attention_")]
+    assert {c: windowed["flops"][c] for c in unchanged} == {c: plain["flops"][c] for c in unchanged}
+
+
+def test_windowed_sdpa_count_matches_fvcore_when_attention_is_unfused():
+    model = make(window_size=3, global_blocks=[1])  # 3x3 windows on the 4x4 grid: padded to 6x6
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    analytic = analytic_flops(model, 32, "a")
+    assert fvcore_flops(model, 32, "a")["gflops"] == pytest.approx(analytic["gflops"], rel=1e-6)
+
+
+def test_a_model_built_on_the_meta_device_counts_the_same():
+    """Sizing a full-size config (`moevit plan`) builds it on the meta device, without allocating it."""
+    overrides = dict(window_size=3, global_blocks=[1], img_size=64)
+    with torch.device("meta"):
+        meta = moevit.create_model("moevit_debug", tasks=list(TASKS), **overrides)
+    assert next(meta.parameters()).is_meta
+    real = make(**overrides)
+    assert analytic_flops(meta, (64, 40), "a") == analytic_flops(real, (64, 40), "a")
+    assert count_parameters(meta) == count_parameters(real)
+
+
 def test_expert_flops_scale_with_top_k_not_with_num_experts():
     def expert_flops(num_experts, top_k):
         return analytic_flops(make(num_experts=num_experts, top_k=top_k), 32, "a")["flops"]["mlp_experts"]
@@ -126,6 +160,7 @@ def test_expert_flops_scale_with_top_k_not_with_num_experts():
         ("moevit_debug", 32, {}),
         ("moevit_debug", (32, 48), {"task_embedding": True}),  # resampled position embedding
         ("moevit_tiny", 224, {}),
+        ("moevit_tiny", (224, 160), {"window_size": 4, "global_blocks": [2, 5, 8, 11]}),  # padded windows
     ],
 )
 def test_fvcore_agrees_with_analytic_where_it_counts(name, image_size, overrides):

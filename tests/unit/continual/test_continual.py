@@ -34,14 +34,14 @@ from moevit.prune.extract import extract, restricted_tasks, write_pruned
 SIZE = 32
 
 
-def make_cfg(ep_size: int = 1) -> Config:
+def make_cfg(ep_size: int = 1, window: dict | None = None) -> Config:
     def data(fmt):
         return {"format": fmt, "root": "unused", "image_size": SIZE, "batch_size": 4}
 
     return build_config(
         Config,
         {
-            "model": {"name": "moevit_debug", "moe": {"task_embedding": True}},
+            "model": {"name": "moevit_debug", **(window or {}), "moe": {"task_embedding": True}},
             "tasks": {
                 "cls": {"type": "classification", "num_classes": 3, "data": data("imagenet")},
                 "seg": {
@@ -56,9 +56,13 @@ def make_cfg(ep_size: int = 1) -> Config:
     )
 
 
-@pytest.fixture(scope="module")
-def source():
-    cfg = make_cfg()
+# Every test runs on a global and on a ViTDet-windowed model (issue 15: 3x3 windows pad the 4x4 grid,
+# block 3 attends globally): expansion, freezing and the model directory must keep windows as they are.
+@pytest.fixture(
+    scope="module", params=[{}, {"window_size": 3, "global_blocks": [3]}], ids=["global", "windowed"]
+)
+def source(request):
+    cfg = make_cfg(window=request.param)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # trained-looking gates and embeddings: routing that depends on the weights
@@ -316,6 +320,9 @@ def test_an_expanded_model_is_a_standalone_model_directory(source, tmp_path):
 
     loaded, manifest = load_pruned(tmp_path)
     assert manifest.tasks == ["cls", "seg", "new"] and read_continual_record(tmp_path) == record
+    windows = [block.window_size for block in source[1].backbone.blocks]
+    assert [block.window_size for block in loaded.backbone.blocks] == windows
+    assert [block.window_size for block in expanded.backbone.blocks] == windows
     images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for task in manifest.tasks:

@@ -14,22 +14,28 @@ from moevit.artifacts.model_dir import Manifest, ManifestError, load_pruned, rea
 from moevit.config import build_config
 from moevit.config.schema import Config
 from moevit.factory import build_model
+from moevit.finetune.model import renamed_backbone
 from moevit.models.flops import analytic_flops
 from moevit.prune.cost import PlanCost
 from moevit.prune.criteria import Criterion, select_experts
-from moevit.prune.extract import extract, write_pruned
+from moevit.prune.extract import extract, make_manifest, write_pruned
 from moevit.prune.run import reference_model
 from moevit.prune.source import Source
 from moevit.prune.usage import count_routing
 
 TASKS = ("cls", "seg")
+# ViTDet-style windows (issue 15): 3x3 windows pad the 4x4 grid, block 3 attends globally. Pruning must be
+# as exact on a windowed model, and the pruned model windowed the same way.
+WINDOWED = {"window_size": 3, "global_blocks": [3]}
+WINDOWS = pytest.mark.parametrize("window", [{}, WINDOWED], ids=["global", "windowed"])
 
 
-def make_cfg(**moe) -> Config:
+def make_cfg(window: dict | None = None, **moe) -> Config:
     data = {
         "model": {
             "name": "moevit_debug",
             "depth": 4,
+            **(window or {}),
             "moe": {"num_experts": 6, "top_k": 2, "task_embedding": True, **moe},
         },
         "tasks": {
@@ -68,8 +74,9 @@ def outputs(model, task, x):
         return out.tokens, model.predict(task, {"images": x})
 
 
-def test_keep_all_gives_identical_outputs():
-    cfg = make_cfg()
+@WINDOWS
+def test_keep_all_gives_identical_outputs(window):
+    cfg = make_cfg(window)
     model = trained_like(cfg)
     plan = {name: list(range(layer.num_experts)) for name, layer in model.backbone.mlp_layers().items()}
     pruned, _ = extract(model.state_dict(), cfg, model.backbone, ["cls"], plan)
@@ -78,11 +85,12 @@ def test_keep_all_gives_identical_outputs():
         assert torch.equal(a, b)
 
 
+@WINDOWS
 @pytest.mark.parametrize("task", TASKS)
-def test_removing_never_selected_experts_is_bit_exact_on_the_calibration_set(task):
+def test_removing_never_selected_experts_is_bit_exact_on_the_calibration_set(task, window):
     # top_k=1 and a sharp gate leave several experts unselected; the pruned layers then keep 1..E experts,
     # exercising the top-k clamp and (when one remains) the plain-MLP replacement.
-    cfg = make_cfg(top_k=1)
+    cfg = make_cfg(window, top_k=1)
     model = trained_like(cfg, seed=3)
     x = images(4)
     usage = count_routing(model.backbone, [(task, x)])
@@ -114,8 +122,9 @@ def test_single_expert_layer_becomes_a_plain_mlp():
     pruned.backbone(images()) if False else pruned.predict("cls", {"images": images()})
 
 
-def test_manifest_round_trip_and_standalone_load(tmp_path):
-    cfg = make_cfg()
+@WINDOWS
+def test_manifest_round_trip_and_standalone_load(tmp_path, window):
+    cfg = make_cfg(window)
     model = trained_like(cfg)
     plan = {"blocks.1.mlp": [0, 4], "blocks.3.mlp": [1, 2, 5]}
     pruned, manifest = extract(
@@ -132,6 +141,18 @@ def test_manifest_round_trip_and_standalone_load(tmp_path):
     x = images()
     for task in TASKS:
         assert torch.equal(outputs(loaded, task, x)[1], outputs(pruned, task, x)[1])
+    # The manifest carries the window settings, so every rebuild (load, fine-tuning's) is windowed alike.
+    assert {k: again.model_args[k] for k in WINDOWED if k in again.model_args} == window
+    windows = [block.window_size for block in model.backbone.blocks]
+    assert (
+        windows
+        == [block.window_size for block in loaded.backbone.blocks]
+        == ([3, 3, 3, 0] if window else [0] * 4)
+    )
+    finetuned = renamed_backbone(loaded, again, "cls", "new").eval()
+    assert [block.window_size for block in finetuned.blocks] == windows
+    with torch.no_grad():
+        assert torch.equal(finetuned.forward_features(x, "new"), outputs(loaded, "cls", x)[0])
     # Without DeepSpeed (import blocked) and without the source: a fresh interpreter loads and runs it.
     script = (
         "import sys; sys.modules['deepspeed'] = None\n"
@@ -143,6 +164,17 @@ def test_manifest_round_trip_and_standalone_load(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "(1, 7)"
+
+
+def test_the_manifest_records_the_windows_of_the_model_not_only_of_the_config():
+    """A variant whose defaults are windowed would otherwise lose them if it changed: the model decides."""
+    windowed = build_model(make_cfg(WINDOWED)).backbone
+    plan = {name: list(range(layer.num_experts)) for name, layer in windowed.mlp_layers().items()}
+    assert make_manifest(make_cfg(), windowed, ["cls"], plan).model_args["global_blocks"] == [3]
+    assert (
+        "window_size"
+        not in make_manifest(make_cfg(), build_model(make_cfg()).backbone, ["cls"], plan).model_args
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,9 +230,10 @@ def test_criteria_keep_what_they_say():
     assert select_experts(usage, ["a", "b"], k, Criterion("top", 1)) == {"blocks.1.mlp": [0, 4]}
 
 
+@WINDOWS
 @pytest.mark.parametrize("kind", ["params", "gflops"])
-def test_budgets_are_respected_by_the_extracted_model(kind):
-    cfg = make_cfg()
+def test_budgets_are_respected_by_the_extracted_model(kind, window):
+    cfg = make_cfg(window)
     model = trained_like(cfg)
     usage = count_routing(model.backbone, [("cls", images(8))])
     source = source_of(cfg, model)
