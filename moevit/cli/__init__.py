@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write the synthetic ImageNet/COCO/ADE20K-format datasets")
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    synth.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "small", "real"],
+        help="tiny: tests (seconds); small: the demo; real: a few dozen images per dataset at the real "
+        "datasets' sizes and label structure (ImageNet ~500x375, COCO ~640x480 with 80 gapped ids and "
+        "crowds, ADE20K ~683x512 with 150 classes), to rehearse configs/paper/ on a CPU",
+    )
     synth.add_argument(
         "--downstream",
         action="store_true",

@@ -9,7 +9,8 @@ Annotations are single-channel uint8 PNGs, same basename and size as their image
 with one texture in its own colors (its class) or, rarely, with a smooth gradient ("other").
 """
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,22 @@ def render_segmentation_pair(
     return to_uint8(canvas, rng, rng.uniform(2, 8)), labels
 
 
-def _object_info(pixel_counts: np.ndarray, images_with_class: Mapping[str, np.ndarray]) -> str:
+def _object_info(
+    class_names: Sequence[str], pixel_counts: np.ndarray, images_with_class: Mapping[str, np.ndarray]
+) -> str:
     """objectInfo150.txt: per class its share of all pixels and the number of images containing it."""
     ratio = pixel_counts / max(pixel_counts.sum(), 1)
     train = images_with_class.get("training", np.zeros_like(pixel_counts))
     val = images_with_class.get("validation", np.zeros_like(pixel_counts))
     rows = ["Idx\tRatio\tTrain\tVal\tName"]
     rows += [
-        f"{c}\t{ratio[c]:.4f}\t{train[c]}\t{val[c]}\t{name}" for c, name in enumerate(ADE20K_CLASSES, start=1)
+        f"{c}\t{ratio[c]:.4f}\t{train[c]}\t{val[c]}\t{name}" for c, name in enumerate(class_names, start=1)
     ]
     return "\n".join(rows) + "\n"
+
+
+# generator -> (H, W, 3) uint8 image, (H, W) uint8 label map (0 = other, 1..C = classes)
+PairRenderer = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def write_ade20k(
@@ -69,6 +76,8 @@ def write_ade20k(
     seed: int,
     images_per_split: Mapping[str, int],
     image_size: tuple[int, int] = ADE20K_IMAGE_SIZE,
+    render: PairRenderer | None = None,
+    class_names: Sequence[str] = ADE20K_CLASSES,
 ) -> dict:
     """Write every split of the segmentation dataset under `root`; returns its summary.
 
@@ -76,10 +85,14 @@ def write_ade20k(
         root: the dataset directory (ADEChallengeData2016/ is created inside it).
         seed: the generator seed; each image is seeded from (seed, "ade20k", split, index).
         images_per_split: split name (training, validation) -> number of images.
-        image_size: (height, width) in pixels.
+        image_size: (height, width) in pixels of the toy images; unused with `render`.
+        render: draws one image and its label map; default: the toy `render_segmentation_pair`.
+        class_names: the names of labels 1..C, for objectInfo150.txt and the summary's class count.
     """
+    if render is None:
+        render = functools.partial(render_segmentation_pair, image_size=image_size)
     dataset = root / DATASET_DIR
-    pixel_counts = np.zeros(len(ADE20K_CLASSES) + 1, np.int64)
+    pixel_counts = np.zeros(len(class_names) + 1, np.int64)
     images_with_class = {}
     for split, count in images_per_split.items():
         if split not in _FILE_PREFIX:
@@ -88,7 +101,7 @@ def write_ade20k(
         (dataset / "annotations" / split).mkdir(parents=True, exist_ok=True)
         images_with_class[split] = np.zeros_like(pixel_counts)
         for index in range(count):
-            pixels, labels = render_segmentation_pair(sample_rng(seed, "ade20k", split, index), image_size)
+            pixels, labels = render(sample_rng(seed, "ade20k", split, index))
             stem = f"{_FILE_PREFIX[split]}_{index + 1:08d}"
             Image.fromarray(pixels).save(
                 dataset / "images" / split / f"{stem}.jpg", format="JPEG", quality=JPEG_QUALITY
@@ -97,5 +110,5 @@ def write_ade20k(
             histogram = np.bincount(labels.reshape(-1), minlength=len(pixel_counts))
             pixel_counts += histogram
             images_with_class[split] += histogram > 0
-    (dataset / "objectInfo150.txt").write_text(_object_info(pixel_counts, images_with_class))
-    return {"num_classes": len(ADE20K_CLASSES), "images": dict(images_per_split)}
+    (dataset / "objectInfo150.txt").write_text(_object_info(class_names, pixel_counts, images_with_class))
+    return {"num_classes": len(class_names), "images": dict(images_per_split)}

@@ -7,13 +7,16 @@ Layout and JSON as in COCO 2017 (https://cocodataset.org/#format-data):
         images       [{id, file_name, width, height, license, coco_url, flickr_url, date_captured}]
         annotations  [{id, image_id, category_id, bbox [x, y, w, h] in pixels, area, iscrowd, segmentation}]
         categories   [{id, name, supercategory}]
-Each image holds 0-4 separated shapes with random outlines and textures on a faintly textured, near-grey
-background; the category is the object's hue family (spec.COCO_CATEGORY_IDS). Image ids and category ids are not contiguous, as in COCO; `segmentation`
-is the shape's polygon and `area` the polygon's area.
+In the toy presets each image holds 0-4 separated shapes with random outlines and textures on a faintly
+textured, near-grey background; the category is the object's hue family (spec.COCO_CATEGORY_IDS).
+Image ids and category ids are not contiguous, as in COCO; `segmentation` is the shape's polygon and
+`area` the polygon's area. `write_coco_split` writes any preset's split from a per-image renderer;
+the true-resolution `real` preset's renderer (crowds, 80 categories, COCO's image sizes) is in
+coco_real.py.
 """
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +66,7 @@ def coco_image_id(split: str, index: int) -> int:
     return _IMAGE_ID_STRIDE * index + _IMAGE_ID_OFFSET[split]
 
 
-def _boxes_touch(a: np.ndarray, b: np.ndarray) -> bool:
+def boxes_touch(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two (x0, y0, x1, y1) boxes come closer than _MIN_GAP_PX."""
     return bool(np.all(a[:2] < b[2:] + _MIN_GAP_PX) and np.all(b[:2] < a[2:] + _MIN_GAP_PX))
 
@@ -92,7 +95,7 @@ def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]
         for _attempt in range(_PLACEMENT_ATTEMPTS):
             polygon = random_translation(template, height, width, rng)
             box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
-            if not any(_boxes_touch(box, other) for other in boxes):
+            if not any(boxes_touch(box, other) for other in boxes):
                 break
         else:
             continue  # no free room left: the image gets fewer objects
@@ -104,13 +107,12 @@ def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]
     return to_uint8(canvas, rng, rng.uniform(2, 8)), objects
 
 
-def _annotation(annotation_id: int, image_id: int, category: str, polygon: np.ndarray) -> dict:
+def annotation_fields(category_id: int, polygon: np.ndarray) -> dict:
+    """The COCO fields of a non-crowd object outlined by `polygon` (K, 2), without its ids."""
     x0, y0 = polygon.min(axis=0)
     x1, y1 = polygon.max(axis=0)
     return {
-        "id": annotation_id,
-        "image_id": image_id,
-        "category_id": COCO_CATEGORY_IDS[category],
+        "category_id": category_id,
         "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
         "area": round(polygon_area(polygon), 2),
         "iscrowd": 0,
@@ -118,13 +120,40 @@ def _annotation(annotation_id: int, image_id: int, category: str, polygon: np.nd
     }
 
 
-def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: tuple[int, int]) -> None:
-    """Write `count` images of one split and its instances JSON under `root`."""
-    height, width = image_size
+def render_toy_sample(
+    rng: np.random.Generator, index: int, image_size: tuple[int, int]
+) -> tuple[np.ndarray, list]:
+    """A toy preset's image and its annotations' COCO fields (see `render_detection_image`)."""
+    pixels, objects = render_detection_image(rng, image_size)
+    return pixels, [annotation_fields(COCO_CATEGORY_IDS[category], polygon) for category, polygon in objects]
+
+
+# (generator, image index within its split) -> (H, W, 3) uint8 pixels, [COCO fields of each annotation]
+SampleRenderer = Callable[[np.random.Generator, int], tuple[np.ndarray, list[dict]]]
+
+
+def write_coco_split(
+    root: Path,
+    seed: int,
+    split: str,
+    count: int,
+    render: SampleRenderer,
+    categories: list[dict],
+    max_annotations: int,
+) -> None:
+    """Write `count` images of one split and its instances JSON under `root`.
+
+    Args:
+        render: draws one image and its annotations; seeded from (seed, "coco", split, index).
+        categories: the JSON's `categories` list.
+        max_annotations: the most annotations `render` returns for one image (makes annotation ids).
+    """
     (root / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(count):
-        pixels, objects = render_detection_image(sample_rng(seed, "coco", split, index), image_size)
+        pixels, fields = render(sample_rng(seed, "coco", split, index), index)
+        if len(fields) > max_annotations:
+            raise ValueError(f"COCO {split} image {index}: {len(fields)} annotations > {max_annotations}")
         image_id = coco_image_id(split, index)
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(pixels).save(root / split / file_name, format="JPEG", quality=JPEG_QUALITY)
@@ -133,8 +162,8 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
                 "license": 1,
                 "file_name": file_name,
                 "coco_url": "",
-                "height": height,
-                "width": width,
+                "height": pixels.shape[0],
+                "width": pixels.shape[1],
                 "date_captured": "",
                 "flickr_url": "",
                 "id": image_id,
@@ -142,8 +171,8 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
         )
         # Annotation ids from the image id keep them unique across both splits without a running counter.
         annotations += [
-            _annotation(image_id * (COCO_MAX_OBJECTS + 1) + k, image_id, category, polygon)
-            for k, (category, polygon) in enumerate(objects)
+            {"id": image_id * (max_annotations + 1) + k, "image_id": image_id, **ann}
+            for k, ann in enumerate(fields)
         ]
     instances = {
         "info": {
@@ -157,10 +186,7 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
         "licenses": [{"id": 1, "name": "generated data, no restrictions", "url": ""}],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": category_id, "name": name, "supercategory": "colour"}
-            for name, category_id in COCO_CATEGORY_IDS.items()
-        ],
+        "categories": categories,
     }
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     with open(root / "annotations" / f"instances_{split}.json", "w") as f:
@@ -170,7 +196,7 @@ def write_coco_split(root: Path, seed: int, split: str, count: int, image_size: 
 def write_coco(
     root: Path, seed: int, images_per_split: Mapping[str, int], image_size: tuple[int, int] = COCO_IMAGE_SIZE
 ) -> dict:
-    """Write every split of the detection dataset under `root`; returns its summary.
+    """Write every split of the toy detection dataset under `root`; returns its summary.
 
     Args:
         root: the dataset directory (holds train2017/, val2017/ and annotations/).
@@ -178,6 +204,18 @@ def write_coco(
         images_per_split: split name (train2017, val2017) -> number of images.
         image_size: (height, width) in pixels.
     """
+    categories = [
+        {"id": category_id, "name": name, "supercategory": "colour"}
+        for name, category_id in COCO_CATEGORY_IDS.items()
+    ]
     for split, count in images_per_split.items():
-        write_coco_split(root, seed, split, count, image_size)
+        write_coco_split(
+            root,
+            seed,
+            split,
+            count,
+            lambda rng, index: render_toy_sample(rng, index, image_size),
+            categories,
+            COCO_MAX_OBJECTS,
+        )
     return {"num_classes": len(COCO_CATEGORY_IDS), "images": dict(images_per_split)}

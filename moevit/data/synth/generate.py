@@ -1,8 +1,8 @@
 """Writes the three synthetic datasets (ImageNet, COCO and ADE20K layouts) and the marker that says so.
 
     out_dir/imagenet/...   see synth/imagenet.py
-    out_dir/coco/...       see synth/coco.py
-    out_dir/ade20k/...     see synth/ade20k.py
+    out_dir/coco/...       see synth/coco.py (synth/coco_real.py for the true-resolution `real` preset)
+    out_dir/ade20k/...     see synth/ade20k.py (synth/ade20k_real.py for the `real` preset)
     out_dir/_synth.json    generator version, seed, size, spec, summary and whether writing finished
 
 The marker is written first with "complete": false and rewritten with true at the end, so an
@@ -10,14 +10,16 @@ interrupted run is recognised, and so is a directory this generator did not writ
 that one is never overwritten.
 """
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+from moevit.data.synth import real_spec
 from moevit.data.synth.ade20k import DATASET_DIR as ADE20K_DATASET_DIR
 from moevit.data.synth.ade20k import write_ade20k
+from moevit.data.synth.ade20k_real import write_ade20k_real
 from moevit.data.synth.coco import write_coco
+from moevit.data.synth.coco_real import write_coco_real
 from moevit.data.synth.imagenet import write_imagenet
 from moevit.data.synth.spec import (
     ADE20K_IMAGE_SIZE,
@@ -33,6 +35,17 @@ MARKER_FILE = "_synth.json"
 DATASET_DIRS = ("imagenet", "coco", "ade20k")
 
 
+def _image_sizes(size: str) -> dict:
+    """Each dataset's (height, width), or for the true-resolution preset the sizes its images are drawn from."""
+    if SIZES[size].true_resolution:
+        return {
+            "imagenet": sorted(set(real_spec.IMAGENET_SIZES)),
+            "coco": sorted(set(real_spec.COCO_SIZES)),
+            "ade20k": sorted(set(real_spec.ADE20K_SIZES)),
+        }
+    return {"imagenet": IMAGENET_IMAGE_SIZE, "coco": COCO_IMAGE_SIZE, "ade20k": ADE20K_IMAGE_SIZE}
+
+
 def _marker_header(seed: int, size: str) -> dict:
     """Everything that determines the written bytes, JSON round-tripped (tuples become lists) so that it
     compares equal to a marker read back from disk."""
@@ -41,12 +54,14 @@ def _marker_header(seed: int, size: str) -> dict:
         "version": GENERATOR_VERSION,
         "seed": seed,
         "size": size,
-        "image_counts": dataclasses.asdict(SIZES[size]),
-        "image_sizes": {
-            "imagenet": IMAGENET_IMAGE_SIZE,
-            "coco": COCO_IMAGE_SIZE,
-            "ade20k": ADE20K_IMAGE_SIZE,
+        # The counts only (true_resolution is implied by the size name): the toy presets' markers stay
+        # what earlier versions wrote, so their existing outputs are still recognised as complete.
+        "image_counts": {
+            "imagenet_per_class": SIZES[size].imagenet_per_class,
+            "coco": SIZES[size].coco,
+            "ade20k": SIZES[size].ade20k,
         },
+        "image_sizes": _image_sizes(size),
         "jpeg_quality": JPEG_QUALITY,
     }
     return json.loads(json.dumps(header))
@@ -93,11 +108,22 @@ def write_synthetic_datasets(out_dir: str | Path, seed: int = 0, size: str = "ti
     header = _marker_header(seed, size)
     _write_marker(out, {**header, "complete": False})
     counts = SIZES[size]
-    summary = {
-        "imagenet": write_imagenet(out / "imagenet", seed, counts.imagenet_per_class, IMAGENET_IMAGE_SIZE),
-        "coco": write_coco(out / "coco", seed, counts.coco, COCO_IMAGE_SIZE),
-        "ade20k": write_ade20k(out / "ade20k", seed, counts.ade20k, ADE20K_IMAGE_SIZE),
-    }
+    if counts.true_resolution:
+        summary = {
+            "imagenet": write_imagenet(
+                out / "imagenet", seed, counts.imagenet_per_class, true_resolution=True
+            ),
+            "coco": write_coco_real(out / "coco", seed, counts.coco),
+            "ade20k": write_ade20k_real(out / "ade20k", seed, counts.ade20k),
+        }
+    else:
+        summary = {
+            "imagenet": write_imagenet(
+                out / "imagenet", seed, counts.imagenet_per_class, IMAGENET_IMAGE_SIZE
+            ),
+            "coco": write_coco(out / "coco", seed, counts.coco, COCO_IMAGE_SIZE),
+            "ade20k": write_ade20k(out / "ade20k", seed, counts.ade20k, ADE20K_IMAGE_SIZE),
+        }
     _write_marker(out, {**header, "complete": True, "summary": summary})
     return summary
 

@@ -7,7 +7,9 @@ Layout, as the ILSVRC2012 train archive unpacks and as the validation images are
     imagenet/LOC_synset_mapping.txt          one "<wnid> <class name>" line per class
 Each image shows one large shape, random in outline and texture, on a near-grey smooth background;
 its class is the object's hue family (spec.IMAGENET_CLASSES), its wnid "n" + the 1-based class index
-in 8 digits (sorted = class order).
+in 8 digits (sorted = class order). The true-resolution `real` preset draws each image's size from
+ImageNet's common sizes (about 500 x 375) and adds ImageNet's odd files: a PNG and a CMYK JPEG, both
+named .JPEG (real_spec.py).
 """
 
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moevit.data.synth import real_spec
 from moevit.data.synth.shapes import (
     SHAPES,
     TEXTURES,
@@ -72,11 +75,22 @@ def render_classification_image(
     return image.convert("L") if rng.random() < IMAGENET_GRAYSCALE_FRACTION else image
 
 
+def _save(image: Image.Image, path: Path, odd_format: str | None) -> None:
+    """Save as JPEG, or as one of ImageNet's odd files (real_spec.IMAGENET_ODD_FILES) under the same name."""
+    if odd_format == "PNG":
+        image.save(path, format="PNG")
+    elif odd_format == "CMYK":
+        image.convert("RGB").convert("CMYK").save(path, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
 def write_imagenet(
     root: Path,
     seed: int,
     images_per_class: Mapping[str, int],
     image_size: tuple[int, int] = IMAGENET_IMAGE_SIZE,
+    true_resolution: bool = False,
 ) -> dict:
     """Write every split of the classification dataset under `root`; returns its summary.
 
@@ -84,21 +98,30 @@ def write_imagenet(
         root: the dataset directory (holds train/ and val/).
         seed: the generator seed; each image is seeded from (seed, "imagenet", split, class, n).
         images_per_class: split name -> number of images per class.
-        image_size: (height, width) in pixels.
+        image_size: (height, width) in pixels; ignored with `true_resolution`.
+        true_resolution: each image's size drawn from real_spec.IMAGENET_SIZES (seeded from
+            (seed, "imagenet", split, class, n, "size")), plus ImageNet's odd files
+            (real_spec.IMAGENET_ODD_FILES).
     """
     for split, count in images_per_class.items():
         for class_index, family in enumerate(IMAGENET_CLASSES):
             folder = root / split / wnid(class_index)
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(count):
-                image = render_classification_image(
-                    sample_rng(seed, "imagenet", split, class_index, n), HUE_FAMILIES[family], image_size
-                )
+                key = ("imagenet", split, class_index, n)
+                size = image_size
+                if true_resolution:
+                    choices = real_spec.IMAGENET_SIZES
+                    size = choices[sample_rng(seed, *key, "size").integers(len(choices))]
+                image = render_classification_image(sample_rng(seed, *key), HUE_FAMILIES[family], size)
                 if split == "train":
                     file_name = f"{wnid(class_index)}_{n + 1}.JPEG"
                 else:
                     file_name = f"ILSVRC2012_val_{class_index * count + n + 1:08d}.JPEG"
-                image.save(folder / file_name, format="JPEG", quality=JPEG_QUALITY)
+                odd_format = (
+                    real_spec.IMAGENET_ODD_FILES.get((split, class_index, n)) if true_resolution else None
+                )
+                _save(image, folder / file_name, odd_format)
     mapping = "".join(f"{wnid(i)} {class_name(i)}\n" for i in range(len(IMAGENET_CLASSES)))
     (root / "LOC_synset_mapping.txt").write_text(mapping)
     return {
