@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from moevit.prune.criteria import Criterion
+if TYPE_CHECKING:  # imported when the command runs: moevit.prune pulls in DeepSpeed
+    from moevit.prune.criteria import Criterion
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,6 +64,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def criterion_of(args: argparse.Namespace) -> Criterion:
+    from moevit.prune.criteria import Criterion
+
     for kind, value in (
         ("threshold", args.threshold),
         ("mass", args.mass),

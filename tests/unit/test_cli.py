@@ -1,6 +1,8 @@
 """The top-level CLI: override parsing and refusing bad input before any work starts."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,12 @@ def test_runs_demo_points_at_the_newest_demo_run(tmp_path):
     link.mkdir()  # a real directory of that name is not replaced
     point_latest_demo_at(tmp_path / "demo-2", link)
     assert link.is_dir() and not link.is_symlink()
+
+
+def test_the_cli_imports_no_deepspeed_until_a_command_needs_it():
+    """DeepSpeed logs a warning on stdout when it is imported, which would corrupt `moevit flops --json`
+    (and makes `moevit --help` slow): the parser must not import it."""
+    probe = "import sys, moevit.cli; moevit.cli.build_parser(); print('deepspeed' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
