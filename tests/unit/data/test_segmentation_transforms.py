@@ -311,6 +311,62 @@ def test_photometric_distortion_equals_mmseg_formulas_draw_for_draw():
     assert seen == {"brightness", "mode0", "mode1", "contrast", "saturation", "hue"}
 
 
+def test_photometric_distortion_draws_mmsegs_ranges_in_mmsegs_order(monkeypatch):
+    calls = []
+
+    def randint(*args):
+        calls.append(("randint", *args))
+        return 1 if args == (2,) else -18
+
+    def uniform(*args):
+        calls.append(("uniform", *args))
+        return float(args[0])
+
+    monkeypatch.setattr(np.random, "randint", randint)
+    monkeypatch.setattr(np.random, "uniform", uniform)
+    image = torch.full((3, 2, 2), 100, dtype=torch.uint8)
+    out = seg.PhotoMetricDistortion()(_sample(image, torch.zeros(2, 2, dtype=torch.uint8)))
+    assert calls == [
+        ("randint", 2), ("uniform", -32, 32),  # brightness
+        ("randint", 2),  # mode 1: contrast first
+        ("randint", 2), ("uniform", 0.5, 1.5),  # contrast
+        ("randint", 2), ("uniform", 0.5, 1.5),  # saturation
+        ("randint", 2), ("randint", -18, 18),  # hue
+    ]  # fmt: skip
+    assert out["image"].eq(34).all()  # grey: (100 - 32) x 0.5, saturation and hue leave it grey
+
+
 def test_photometric_distortion_refuses_a_float_image():
     with pytest.raises(ValueError, match="PhotoMetricDistortion: expected a uint8"):
         seg.PhotoMetricDistortion()(_sample(torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.uint8)))
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _config(transforms: dict):
+    from moevit.config import Config, build_config
+
+    data = {"format": "ade20k", "root": "x", "image_size": 64, "batch_size": 2, "transforms": transforms}
+    return build_config(
+        Config,
+        {
+            "model": {"name": "moevit_debug"},
+            "tasks": {"seg": {"type": "segmentation", "num_classes": 5, "data": data}},
+        },
+    )
+
+
+def test_settings_from_yaml_and_bad_values_named():
+    from moevit.config.errors import ConfigError
+
+    settings = _config({"scale": [2048, 512], "cat_max_ratio": 0.75, "eval_mode": "slide"}).tasks["seg"].data
+    assert settings.transform_settings().scale == (2048, 512)
+    for transforms, message in (
+        ({"cat_max_ration": 0.75}, "unknown key 'cat_max_ration'"),
+        ({"cat_max_ratio": 0.0}, r"cat_max_ratio must be in \(0, 1\]"),
+        ({"eval_mode": "tiles"}, "eval_mode"),
+        ({"slide_stride": 65}, "slide_stride 65 exceeds image_size 64"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _config(transforms)
