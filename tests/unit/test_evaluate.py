@@ -114,6 +114,18 @@ def test_an_oracle_scores_one_on_every_task(synth_root):
     assert model.training  # the previous mode is restored
 
 
+def test_an_oracle_scores_one_with_slide_windows_at_the_original_resolution(synth_root):
+    cfg = make_config(synth_root, batch_size=5)
+    data = cfg.tasks["ade20k"].data
+    # 64 px images resized to 32 px (scale [128, 32]); slide windows of 16 px at the default stride 10:
+    # 3 x 3 windows per image, their logits averaged and resized back to the 64 px masks.
+    data.image_size, data.transforms = 16, {"scale": [128, 32], "eval_mode": "slide"}
+    model = OracleModel(cfg)
+    assert evaluate(model, cfg, tasks=["ade20k"], max_batches=2) == {"ade20k": {"mIoU": 1.0, "aAcc": 1.0}}
+    # 5 images x 9 windows of 16 px per batch, at most 5 windows (the batch size) per forward.
+    assert [shape for batch in model.seen["ade20k"] for shape in batch] == [(5, 3, 16, 16)] * 18
+
+
 def test_every_rank_runs_the_same_batches_and_together_they_cover_the_split(synth_root):
     cfg = make_config(synth_root, batch_size=5)
     world_size = 7  # 80 ImageNet and 24 COCO val images: both splits need padding
@@ -150,6 +162,18 @@ def test_a_tiny_multitask_model_gives_every_metric(synth_root):
     }
     assert all(0.0 <= value <= 1.0 for metrics in results.values() for value in metrics.values())
     assert model.training  # built in training mode, evaluated in eval mode, handed back as it came
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_a_tiny_model_segments_images_that_are_not_a_multiple_of_the_patch(synth_root, mode):
+    from moevit.factory import build_model
+
+    cfg = make_config(synth_root, batch_size=3)
+    # 64 px images fit (148, 37) as 37 px: not a multiple of the 8 px patches, so inputs are padded.
+    cfg.tasks["ade20k"].data.transforms = {"scale": [148, 37], "eval_mode": mode}
+    torch.manual_seed(0)
+    results = evaluate(build_model(cfg), cfg, tasks=["ade20k"], max_batches=1)
+    assert all(0.0 <= value <= 1.0 for value in results["ade20k"].values())
 
 
 def test_unknown_task_and_bad_dataset_fail_before_any_forward(synth_root, tmp_path):
