@@ -22,7 +22,8 @@ Written by hand, and why: mmseg and mmcv cannot be installed against current tor
 has no keep-ratio rescale to a (long, short) bound, no crop retried on the label histogram, and no
 colour operation with mmseg's semantics (see ``PhotoMetricDistortion``). The resizes themselves are
 torchvision's (``resize_image`` bilinear without antialiasing, as OpenCV's ``INTER_LINEAR`` that mmcv
-calls; ``resize_mask`` nearest). All randomness is drawn from NumPy's global generator, as mmseg
+calls, to within a grey level since OpenCV rounds its weights to 11 bits; ``resize_mask`` nearest,
+the same floor mapping as OpenCV's ``INTER_NEAREST``). All randomness is drawn from NumPy's global generator, as mmseg
 draws it, which ``moevit.data.seeding`` seeds per sample.
 """
 
