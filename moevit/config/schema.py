@@ -147,8 +147,9 @@ class Ade20kTransforms:
 
     Train: RandomResize of `scale` by a ratio in `ratio_range` (keeping the aspect ratio), a random
     image_size crop (retried while one class covers more than `cat_max_ratio`), flip, and optionally
-    mmseg's PhotoMetricDistortion. Eval: resize to fit `scale`, infer (`whole`, or `slide` windows of
-    image_size at `slide_stride`), and resize the logits to the original mask before the metric."""
+    mmseg's PhotoMetricDistortion, then padding to the image_size square. Eval: resize to fit `scale`,
+    infer (`whole`, or `slide` windows of image_size at `slide_stride`), and resize the logits to the
+    original mask before the metric. docs/data.md, "ADE20K protocol"."""
 
     scale: tuple[int, int] | None = (
         None  # (long, short) bound; None: (4, 1) x image_size, mmseg's (2048, 512)
@@ -209,9 +210,14 @@ class DatasetConfig:
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
         try:
-            self.transform_settings()
+            settings = self.transform_settings()
         except ConfigError as err:
             raise ValueError(f"transforms (format {self.format}): {err.message}") from None
+        if isinstance(settings, Ade20kTransforms) and (settings.slide_stride or 0) > self.image_size:
+            raise ValueError(
+                f"transforms.slide_stride {settings.slide_stride} exceeds image_size {self.image_size} (the "
+                "slide window): pixels between windows would get no prediction"
+            )
 
 
 @dataclass

@@ -8,7 +8,10 @@ Batches are plain tensors (tv_tensor wrappers removed) plus Python lists:
   "keys", "num_skipped"}``; each image sits in the top left of its padded canvas, and the per-image
   lists give its valid extent (h, w) there (torchvision's ``ImageList.image_sizes``), its original
   (H, W) and its resize factors (height, width) (see moevit.data.transforms.detection)
-- segmentation: ``{"images", "masks": (B, H, W) int64 (255 = ignore), "keys", "num_skipped"}``
+- segmentation: ``{"images", "image_sizes", "masks": (B, H, W) int64 (255 = ignore), "mask_sizes", "keys",
+  "num_skipped"}``; images and masks of different sizes (evaluation keeps each image at its own resized
+  size and each mask at its original size) are padded at the bottom / right, images with 0 and masks
+  with 255, and ``image_sizes`` / ``mask_sizes`` (B, 2) int64 hold each one's valid (height, width)
 
 ``num_skipped`` sums the samples' ``"num_skipped"`` (set by ``SkipCorrupt``; 0 when absent): the number
 of corrupt samples passed over to fill this batch, carried out of the DataLoader workers this way.
@@ -20,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+
+from moevit.config.labels import IGNORE_INDEX
 
 
 def _stack_images(samples: Sequence[dict]) -> torch.Tensor:
@@ -76,11 +81,35 @@ def _geometry_entry(sample: dict, key: str) -> tuple:
     return tuple(sample[key])
 
 
+def _pad_stack(tensors: Sequence[torch.Tensor], fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensors (..., H_i, W_i) padded at the bottom / right to the largest size and stacked, and their
+    (H_i, W_i) as a (B, 2) int64 tensor."""
+    sizes = torch.tensor([tuple(tensor.shape[-2:]) for tensor in tensors], dtype=torch.int64)
+    height, width = sizes.max(dim=0).values.tolist()
+    padded = [
+        torch.nn.functional.pad(
+            tensor, [0, width - tensor.shape[-1], 0, height - tensor.shape[-2]], value=fill
+        )
+        for tensor in tensors
+    ]
+    return torch.stack(padded), sizes
+
+
 def collate_segmentation(samples: Sequence[dict]) -> dict:
-    batch = _common(samples)
-    masks = [sample["mask"].as_subclass(torch.Tensor) for sample in samples]
-    batch["masks"] = torch.stack(masks).to(torch.int64)
-    return batch
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    images, image_sizes = _pad_stack([sample["image"].as_subclass(torch.Tensor) for sample in samples], 0.0)
+    masks, mask_sizes = _pad_stack(
+        [sample["mask"].as_subclass(torch.Tensor) for sample in samples], IGNORE_INDEX
+    )
+    return {
+        "images": images,
+        "image_sizes": image_sizes,
+        "masks": masks.to(torch.int64),
+        "mask_sizes": mask_sizes,
+        "keys": [sample.get("key") for sample in samples],
+        "num_skipped": sum(sample.get("num_skipped", 0) for sample in samples),
+    }
 
 
 COLLATE_FUNCTIONS: dict[str, Callable[[Sequence[dict]], dict]] = {

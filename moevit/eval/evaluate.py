@@ -2,7 +2,8 @@
 
 For each task: build the val split (``build_dataset(..., train=False)``: the deterministic eval
 transforms), give this rank its padded ordered share (moevit.eval.distributed), run
-``model.predict(task, batch)`` batch by batch, record per-sample results, merge the ranks' records
+``model.predict(task, batch)`` batch by batch (segmentation: window by window at the original
+resolution, moevit.eval.segmentation_inference), record per-sample results, merge the ranks' records
 without repeats and compute. Every rank runs the same number of batches per task, in the same task
 order, so expert-parallel all-to-alls stay matched; every rank returns the same numbers.
 """
@@ -10,7 +11,7 @@ order, so expert-parallel all-to-alls stay matched; every rank returns the same 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from moevit.eval.classification import ClassificationMetric
 from moevit.eval.coco import CocoMetric
 from moevit.eval.distributed import DedupedMetric, padded_rank_indices, rank_batches
 from moevit.eval.segmentation import SegmentationMetric
+from moevit.eval.segmentation_inference import SegmentationInference, segment_batch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,28 @@ def _prepare_task(cfg: Config, task: str) -> tuple[Dataset, DedupedMetric]:
     return dataset, build_metric(task_cfg.type, task_cfg.num_classes, dataset)
 
 
+def _segmentation_predictor(model: nn.Module, task: str, task_cfg) -> Callable[[dict], list[torch.Tensor]]:
+    """Batch -> per-image logits at the original mask size (``whole`` / ``slide``, mmseg's protocol)."""
+    backbone = getattr(model, "backbone", None)  # inputs are padded to its patch size; stand-ins have none
+    inference = SegmentationInference.from_settings(
+        task_cfg.data.transform_settings(),
+        task_cfg.data.image_size,
+        getattr(backbone, "patch_size", 1),
+        task_cfg.data.batch_size,
+    )
+
+    def predict(batch: dict) -> list[torch.Tensor]:
+        return segment_batch(
+            lambda images: model.predict(task, {"images": images}),
+            batch["images"],
+            batch["image_sizes"],
+            batch["mask_sizes"],
+            inference,
+        )
+
+    return predict
+
+
 def _run_task(
     model: nn.Module,
     cfg: Config,
@@ -79,6 +103,10 @@ def _run_task(
     dtype: torch.dtype | None,
 ) -> dict[str, float]:
     task_cfg = cfg.tasks[task]
+    if task_cfg.type == "segmentation":
+        predict = _segmentation_predictor(model, task, task_cfg)
+    else:
+        predict = lambda batch: model.predict(task, batch)  # noqa: E731 (the two branches read alike)
     indices = padded_rank_indices(len(dataset), rank, world_size)
     loader = DataLoader(
         dataset,
@@ -95,7 +123,7 @@ def _run_task(
             batch = move_batch(batch, device)
             if dtype is not None:
                 batch["images"] = batch["images"].to(dtype)
-            metric.update(model.predict(task, batch), batch)
+            metric.update(predict(batch), batch)
     metric.sync()
     logger.info("evaluated %s on %d distinct samples of %d", task, metric.num_samples, len(dataset))
     return metric.compute()

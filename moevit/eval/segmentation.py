@@ -9,14 +9,16 @@ are dropped, then per class c the areas |pred = c and label = c| (intersection),
                                  labelled but predicted has IoU 0 and counts)
     aAcc  = sum_c total_intersect_c / sum_c total_label_c
 
-This is not the mean of per-image IoUs. Each sample's record is its three integer area histograms
+The areas are counted at each image's ORIGINAL resolution (mmseg's test protocol): ``update`` takes
+one logits map per image at its original mask size (``moevit.eval.segmentation_inference`` resizes
+them back) and refuses any other size. This is not the mean of per-image IoUs. Each sample's record is its three integer area histograms
 (bincount), so totals are exact sums whatever the merge order, and repeated samples are dropped
 (moevit.eval.distributed). mmseg reports percentages; these are fractions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,37 +55,45 @@ class SegmentationMetric(DedupedMetric):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
 
-    def update(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> None:
+    def update(self, logits: torch.Tensor | Sequence[torch.Tensor], batch: Mapping[str, Any]) -> None:
         """Records the batch's images, identified by ``batch["keys"]``.
 
         Args:
-            logits: (B, C, H, W) class scores at the masks' resolution.
-            batch: a segmentation batch with ``"masks"`` (B, H, W) int and ``"keys"``.
+            logits: per image, (C, H, W) class scores at that image's ORIGINAL mask size: a list, or one
+                (B, C, H, W) tensor when every mask has the same size.
+            batch: a segmentation batch with ``"masks"`` (B, H, W) int and ``"keys"``; with
+                ``"mask_sizes"`` (B, 2) the masks are padded and image i's is ``masks[i, :h_i, :w_i]``.
         """
         if "masks" not in batch:
             raise KeyError(f"SegmentationMetric: the batch has no 'masks' entry (it has {sorted(batch)})")
-        masks = batch["masks"].to(logits.device)
-        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"SegmentationMetric: expected logits (B, {self.num_classes}, H, W), got {tuple(logits.shape)}"
-            )
-        if masks.shape != (logits.shape[0], *logits.shape[2:]):
-            raise ValueError(
-                f"SegmentationMetric: masks {tuple(masks.shape)} do not match logits {tuple(logits.shape)} "
-                "(expected masks (B, H, W) at the logits' resolution)"
-            )
-        labelled = masks[masks != self.ignore_index]
-        if labelled.numel() and (labelled.min() < 0 or labelled.max() >= self.num_classes):
-            raise ValueError(
-                f"SegmentationMetric: mask values must lie in [0, {self.num_classes}) or be {self.ignore_index}, "
-                f"got min {labelled.min().item()} max {labelled.max().item()}"
-            )
-        ids = sample_ids(batch, "keys", logits.shape[0], "SegmentationMetric")
-        predictions = logits.argmax(dim=1)
-        records = [
-            area_histograms(pred, mask, self.num_classes, self.ignore_index)
-            for pred, mask in zip(predictions, masks.long())
-        ]
+        masks = batch["masks"]
+        if masks.ndim != 3:
+            raise ValueError(f"SegmentationMetric: expected masks (B, H, W), got {tuple(masks.shape)}")
+        sizes = batch.get("mask_sizes")
+        sizes = [tuple(masks.shape[1:])] * len(masks) if sizes is None else [tuple(s) for s in sizes.tolist()]
+        if len(logits) != len(masks):
+            raise ValueError(f"SegmentationMetric: {len(logits)} logits for {len(masks)} masks")
+        ids = sample_ids(batch, "keys", len(masks), "SegmentationMetric")
+        records = []
+        for index, (scores, mask, (height, width)) in enumerate(zip(logits, masks, sizes)):
+            if scores.ndim != 3 or scores.shape[0] != self.num_classes:
+                raise ValueError(
+                    f"SegmentationMetric: expected logits ({self.num_classes}, H, W) per image, "
+                    f"got {tuple(scores.shape)} for image {index}"
+                )
+            if tuple(scores.shape[1:]) != (height, width):
+                raise ValueError(
+                    f"SegmentationMetric: the mask of image {index} (original size {(height, width)}) does not "
+                    f"match its logits {tuple(scores.shape[1:])}; resize the logits to the original mask first"
+                )
+            label = mask[:height, :width].to(scores.device).long()
+            labelled = label[label != self.ignore_index]
+            if labelled.numel() and (labelled.min() < 0 or labelled.max() >= self.num_classes):
+                raise ValueError(
+                    f"SegmentationMetric: mask values must lie in [0, {self.num_classes}) or be "
+                    f"{self.ignore_index}, got min {labelled.min().item()} max {labelled.max().item()}"
+                )
+            records.append(area_histograms(scores.argmax(dim=0), label, self.num_classes, self.ignore_index))
         self._add(ids, records)
 
     def total_areas(self) -> np.ndarray:

@@ -47,9 +47,10 @@ def count_routing(backbone: MoEViT, batches: Iterable[tuple[str, torch.Tensor]])
 
 
 def calibration_batches(
-    cfg: Config, task: str, num_batches: int, split: str = "train", seed: int = 0
+    cfg: Config, task: str, num_batches: int, split: str = "train", seed: int = 0, patch_size: int = 1
 ) -> Iterable[tuple[str, torch.Tensor]]:
-    """`num_batches` batches of `task`'s `split` ("train" or "val") with eval transforms, seeded shuffle."""
+    """`num_batches` batches of `task`'s `split` ("train" or "val") with eval transforms, seeded shuffle;
+    `patch_size`: the backbone's, which segmentation's variable-size images are cut to."""
     task_cfg = cfg.tasks[task]
     if task_cfg.data is None:
         raise ValueError(f"task {task!r} has no dataset (tasks.{task}.data) to calibrate on")
@@ -71,7 +72,15 @@ def calibration_batches(
     for i, batch in enumerate(loader):
         if i >= num_batches:
             break
-        yield task, batch["images"]
+        images = batch["images"]
+        if "image_sizes" in batch:
+            # Segmentation eval batches hold images of their own (resized) sizes, padded: route only the
+            # region every image covers, cut to whole patches, so no padding token is counted.
+            height, width = batch["image_sizes"].min(dim=0).values.tolist()
+            images = images[
+                ..., : max(height // patch_size, 1) * patch_size, : max(width // patch_size, 1) * patch_size
+            ]
+        yield task, images
 
 
 def calibrate_usage(
@@ -82,5 +91,10 @@ def calibrate_usage(
         raise ValueError(f"--calib-batches must be >= 1, got {num_batches}")
     usage: Usage = {}
     for task in tasks:
-        usage = add_usage(usage, count_routing(backbone, calibration_batches(cfg, task, num_batches, split)))
+        usage = add_usage(
+            usage,
+            count_routing(
+                backbone, calibration_batches(cfg, task, num_batches, split, patch_size=backbone.patch_size)
+            ),
+        )
     return usage

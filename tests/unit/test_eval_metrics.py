@@ -343,7 +343,7 @@ def test_segmentation_rejects_bad_input():
     with pytest.raises(ValueError, match=r"mask values must lie in \[0, 4\) or be 255"):
         metric.update(*segmentation_batch([[[0, 1]]], [[[0, 7]]], ["a"]))
     logits, batch = segmentation_batch([[[0, 1]]], [[[0, 1]]], ["a"])
-    with pytest.raises(ValueError, match="do not match logits"):
+    with pytest.raises(ValueError, match="does not match its logits"):
         metric.update(logits, {**batch, "masks": torch.zeros(1, 2, 3, dtype=torch.int64)})
 
 

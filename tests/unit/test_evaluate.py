@@ -7,16 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
 from moevit.config import Config, build_config
 from moevit.data.errors import DatasetLayoutError
 from moevit.data.synth import write_synthetic_datasets
 from moevit.data.synth.spec import ADE20K_CLASSES, COCO_CATEGORY_IDS, IMAGENET_CLASSES
+from moevit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from moevit.eval import ClassificationMetric, SegmentationMetric, evaluate, padded_rank_indices
 
 TASK_TYPES = {"imagenet": "classification", "coco": "detection", "ade20k": "segmentation"}
@@ -29,10 +32,27 @@ NUM_CLASSES = {
 IMAGE_SIZES = {"imagenet": 32, "coco": 64, "ade20k": 32}
 
 
+LABEL_GREY_STEP = 40  # grey level per ADE20K label in the label-encoded val images
+
+
+def _label_encode_ade20k_val(ade20k_root: Path) -> None:
+    """Rewrites the ADE20K val split so that each pixel's grey level is LABEL_GREY_STEP x its raw label
+    (lossless PNG bytes under the .jpg names; the reader decodes by content): an oracle can then read
+    the ground truth off any window of the resized image. Labels come in 2 x 2 blocks, so the eval
+    resize of these 64 px images to 32 px and the logits' resize back are exact."""
+    folder = ade20k_root / "ADEChallengeData2016"
+    for mask_path in sorted((folder / "annotations" / "validation").glob("*.png")):
+        raw = np.array(Image.open(mask_path))[::2, ::2].repeat(2, axis=0).repeat(2, axis=1)
+        Image.fromarray(raw).save(mask_path, format="PNG")
+        grey = Image.fromarray((raw.astype(np.int64) * LABEL_GREY_STEP).astype(np.uint8)).convert("RGB")
+        grey.save(folder / "images" / "validation" / f"{mask_path.stem}.jpg", format="PNG")
+
+
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     write_synthetic_datasets(root, size="tiny")
+    _label_encode_ade20k_val(root / "ade20k")
     return root
 
 
@@ -56,7 +76,8 @@ def make_config(root: Path, batch_size: int = 8) -> Config:
 
 
 class OracleModel(nn.Module):
-    """Predicts each batch's own ground truth, and records which samples it saw."""
+    """Predicts each batch's own ground truth, and records which samples it saw (segmentation: the
+    window shapes, read off the label-encoded images, since its windows carry no sample ids)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -64,7 +85,7 @@ class OracleModel(nn.Module):
         self.seen: dict[str, list[list]] = {}
 
     def predict(self, task: str, batch: dict):
-        ids = batch["image_ids"] if "image_ids" in batch else batch["keys"]
+        ids = batch.get("image_ids", batch.get("keys", [tuple(batch["images"].shape)]))
         self.seen.setdefault(task, []).append(list(ids))
         num_classes = self.cfg.tasks[task].num_classes
         if "labels" in batch:
@@ -74,8 +95,11 @@ class OracleModel(nn.Module):
                 {"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]}
                 for t in batch["targets"]
             ]
-        masks = batch["masks"].where(batch["masks"] != 255, 0)
-        return nn.functional.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
+        grey = (batch["images"][:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        labels = (grey / LABEL_GREY_STEP).round().long() - 1  # raw label 0 ("other") is ignored
+        return (
+            nn.functional.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+        )
 
 
 def test_an_oracle_scores_one_on_every_task(synth_root):
@@ -88,6 +112,18 @@ def test_an_oracle_scores_one_on_every_task(synth_root):
         "ade20k": {"mIoU": 1.0, "aAcc": 1.0},
     }
     assert model.training  # the previous mode is restored
+
+
+def test_an_oracle_scores_one_with_slide_windows_at_the_original_resolution(synth_root):
+    cfg = make_config(synth_root, batch_size=5)
+    data = cfg.tasks["ade20k"].data
+    # 64 px images resized to 32 px (scale [128, 32]); slide windows of 16 px at the default stride 10:
+    # 3 x 3 windows per image, their logits averaged and resized back to the 64 px masks.
+    data.image_size, data.transforms = 16, {"scale": [128, 32], "eval_mode": "slide"}
+    model = OracleModel(cfg)
+    assert evaluate(model, cfg, tasks=["ade20k"], max_batches=2) == {"ade20k": {"mIoU": 1.0, "aAcc": 1.0}}
+    # 5 images x 9 windows of 16 px per batch, at most 5 windows (the batch size) per forward.
+    assert [shape for batch in model.seen["ade20k"] for shape in batch] == [(5, 3, 16, 16)] * 18
 
 
 def test_every_rank_runs_the_same_batches_and_together_they_cover_the_split(synth_root):
@@ -126,6 +162,18 @@ def test_a_tiny_multitask_model_gives_every_metric(synth_root):
     }
     assert all(0.0 <= value <= 1.0 for metrics in results.values() for value in metrics.values())
     assert model.training  # built in training mode, evaluated in eval mode, handed back as it came
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_a_tiny_model_segments_images_that_are_not_a_multiple_of_the_patch(synth_root, mode):
+    from moevit.factory import build_model
+
+    cfg = make_config(synth_root, batch_size=3)
+    # 64 px images fit (148, 37) as 37 px: not a multiple of the 8 px patches, so inputs are padded.
+    cfg.tasks["ade20k"].data.transforms = {"scale": [148, 37], "eval_mode": mode}
+    torch.manual_seed(0)
+    results = evaluate(build_model(cfg), cfg, tasks=["ade20k"], max_batches=1)
+    assert all(0.0 <= value <= 1.0 for value in results["ade20k"].values())
 
 
 def test_unknown_task_and_bad_dataset_fail_before_any_forward(synth_root, tmp_path):

@@ -81,6 +81,28 @@ def test_segmentation_batch_masks_are_int64():
     batch = collate_for_task("segmentation")([{"image": _image(), "mask": mask}] * 3)
     assert batch["masks"].dtype == torch.int64 and tuple(batch["masks"].shape) == (3, 8, 8)
     assert batch["masks"].eq(255).all() and batch["num_skipped"] == 0
+    assert batch["image_sizes"].tolist() == batch["mask_sizes"].tolist() == [[8, 8]] * 3
+
+
+def test_segmentation_pads_images_and_masks_of_different_sizes_and_keeps_their_sizes():
+    small = {
+        "image": tv_tensors.Image(torch.ones(3, 4, 6)),
+        "mask": tv_tensors.Mask(torch.ones(5, 7, dtype=torch.uint8)),
+    }
+    large = {
+        "image": tv_tensors.Image(torch.ones(3, 6, 5)),
+        "mask": tv_tensors.Mask(torch.zeros(9, 3, dtype=torch.uint8)),
+    }
+    batch = collate_for_task("segmentation")([small, large])
+    assert tuple(batch["images"].shape) == (2, 3, 6, 6) and tuple(batch["masks"].shape) == (2, 9, 7)
+    assert batch["image_sizes"].tolist() == [[4, 6], [6, 5]] and batch["mask_sizes"].tolist() == [
+        [5, 7],
+        [9, 3],
+    ]
+    assert batch["images"][0, :, 4:].eq(0).all() and batch["images"][0, :, :4].eq(1).all()
+    assert batch["images"][1, :, :, 5:].eq(0).all()
+    assert batch["masks"][0, 5:].eq(255).all() and batch["masks"][0, :5].eq(1).all()
+    assert batch["masks"][1, :, 3:].eq(255).all() and batch["masks"][1, :, :3].eq(0).all()
 
 
 def test_images_of_different_sizes_get_a_clear_error():
