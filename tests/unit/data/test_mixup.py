@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.data.mixup import Mixup, mixup_target
+from timm.loss import SoftTargetCrossEntropy
 
 from moevit.config import build_config
 from moevit.config.schema import Config, ImageNetTransforms
@@ -15,6 +16,14 @@ from moevit.data.seeding import STREAM_POSITION, SeededSamples, derive_seed, see
 from moevit.train.loader import build_train_loader
 
 MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mixup_switch_prob": 0.5, "label_smoothing": 0.1}
+# and every per-sample random step of timm's recipe, drawn in the workers too
+RECIPE = {
+    **MIXING,
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "re_prob": 0.5,
+    "re_mode": "pixel",
+    "interpolation": "bicubic",
+}
 NUM_CLASSES = 10
 
 
@@ -89,7 +98,7 @@ def _loader(tiny_config, synth_root, num_workers):
     data = tiny_config(
         synth_root,
         datasets=("imagenet",),
-        tasks={"imagenet": {"data": {"transforms": MIXING}}},
+        tasks={"imagenet": {"data": {"transforms": RECIPE}}},
         train={"num_workers": num_workers},
     )
     return build_train_loader(build_config(Config, data), 0, 1)
@@ -121,3 +130,21 @@ def test_mixed_batches_are_the_same_with_0_1_and_2_workers_and_after_a_resume(ti
     resumed = _loader(tiny_config, synth_root, 1)
     resumed.load_state_dict(first.state_dict())
     assert _same(_batches(resumed, 2), reference[2:])
+
+
+def test_a_mixed_batch_trains_the_model_built_from_the_config(tiny_config, synth_root):
+    from moevit.factory import build_model
+
+    torch.manual_seed(0)
+    cfg = build_config(
+        Config,
+        tiny_config(synth_root, datasets=("imagenet",), tasks={"imagenet": {"data": {"transforms": RECIPE}}}),
+    )
+    (task, batch), *_ = next(build_train_loader(cfg, 0, 1))
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (8, NUM_CLASSES)
+    model = build_model(cfg)
+    loss = model(task, batch).losses["loss"]
+    loss.backward()
+    logits = model.predict(task, batch)
+    assert torch.allclose(loss, SoftTargetCrossEntropy()(logits, batch["labels"]), atol=1e-5)
+    assert model.heads[task].fc.weight.grad.abs().sum() > 0
