@@ -92,12 +92,17 @@ DEFAULT_IMAGE_SIZE = 224  # ImageNet's training resolution; also what a task wit
 
 @dataclass
 class ImageNetTransforms:
-    """Classification: timm's `create_transform` (train and eval) and timm's `Mixup`."""
+    """Classification: timm's `create_transform` (train and eval) and timm's `Mixup` (moevit.data.mixup).
+
+    Left out, training is RandomResizedCrop (`crop_scale`) and a flip, with hard labels. Label smoothing
+    is set here only: it builds the training targets (timm's `Mixup` with mixing on, timm's
+    `mixup_target` at lam 1 without), and the classification head's loss never smooths again."""
 
     hflip: float = 0.5  # probability of a horizontal flip
-    color_jitter: float = 0.0  # timm's brightness/contrast/saturation strength; unused with auto_augment
+    # timm's brightness/contrast/saturation strength; timm turns it off under auto_augment (as DeiT does)
+    color_jitter: float = 0.0
     auto_augment: str | None = None  # timm's policy string, e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
-    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # train crop, RandAugment and eval resize
     re_prob: float = 0.0  # random erasing probability
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
     re_count: int = 1
@@ -107,6 +112,11 @@ class ImageNetTransforms:
     mixup_prob: float = 1.0  # probability that a batch is mixed at all
     mixup_switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
     label_smoothing: float = 0.0
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches go through timm's Mixup (mixup or cutmix on)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     def validate(self) -> None:
         for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
@@ -121,6 +131,23 @@ class ImageNetTransforms:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.re_count < 1:
             raise ValueError(f"re_count must be >= 1, got {self.re_count}")
+        if self.auto_augment is not None:
+            _check_timm_policy(self.auto_augment, self.interpolation)
+
+
+def _check_timm_policy(policy: str, interpolation: str) -> None:
+    """Refuses an auto_augment string timm cannot parse, at config time rather than in a DataLoader worker.
+    timm's own parser decides (its create_transform builds the policy); it reports errors by assert."""
+    from timm.data import create_transform  # here: only configs that name a policy pay for the import
+
+    try:
+        create_transform(8, is_training=True, auto_augment=policy, interpolation=interpolation)
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        detail = f": {err}" if str(err) else ""
+        raise ValueError(
+            f"auto_augment {policy!r} is not a timm policy string{detail} "
+            "(e.g. 'rand-m9-mstd0.5-inc1', 'original', 'augmix-m5-w4-d2')"
+        ) from None
 
 
 @dataclass
@@ -218,6 +245,9 @@ class DatasetConfig:
                 f"transforms.slide_stride {settings.slide_stride} exceeds image_size {self.image_size} (the "
                 "slide window): pixels between windows would get no prediction"
             )
+        if isinstance(settings, ImageNetTransforms) and settings.mixes and self.batch_size % 2:
+            # timm's Mixup in batch mode mixes image i with image B-1-i, so it refuses odd batches.
+            raise ValueError(f"batch_size must be even with mixup or cutmix on, got {self.batch_size}")
 
 
 @dataclass
@@ -241,6 +271,11 @@ class TaskConfig:
         if self.data is not None and FORMAT_TASK_TYPE[self.data.format] != self.type:
             raise ValueError(
                 f"dataset format {self.data.format!r} serves {FORMAT_TASK_TYPE[self.data.format]}, not {self.type}"
+            )
+        if "label_smoothing" in self.head_options:
+            # One place sets smoothing: the training targets (ImageNetTransforms), so it cannot apply twice.
+            raise ValueError(
+                "head_options.label_smoothing is not a head option; set data.transforms.label_smoothing"
             )
 
 

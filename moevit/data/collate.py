@@ -2,7 +2,8 @@
 
 Batches are plain tensors (tv_tensor wrappers removed) plus Python lists:
 
-- classification: ``{"images": (B, 3, H, W) float, "labels": (B,) int64, "keys", "num_skipped"}``
+- classification: ``{"images": (B, 3, H, W) float, "labels": (B,) int64, "keys", "num_skipped"}``; for
+  training with Mixup/CutMix or label smoothing, "labels" are (B, C) float targets (moevit.data.mixup)
 - detection: ``{"images", "targets": [{"boxes": (N, 4) float XYXY in the transformed image's pixels,
   "labels": (N,) int64}, ...], "image_ids": list[int], "image_sizes", "original_sizes", "scales",
   "keys", "num_skipped"}``; each image sits in the top left of its padded canvas, and the per-image
@@ -25,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from moevit.config.labels import IGNORE_INDEX
+from moevit.config.schema import Ade20kTransforms, CocoTransforms, ImageNetTransforms
+from moevit.data.mixup import MixupCollate, needs_soft_targets
 
 
 def _stack_images(samples: Sequence[dict]) -> torch.Tensor:
@@ -119,10 +122,26 @@ COLLATE_FUNCTIONS: dict[str, Callable[[Sequence[dict]], dict]] = {
 }
 
 
-def collate_for_task(task_type: str) -> Callable[[Sequence[dict]], dict]:
-    """Returns the collate function of "classification", "detection" or "segmentation"."""
+def collate_for_task(
+    task_type: str,
+    train_settings: ImageNetTransforms | CocoTransforms | Ade20kTransforms | None = None,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> Callable[[Sequence[dict]], dict]:
+    """Returns the collate function of "classification", "detection" or "segmentation".
+
+    Training passes the task's transform settings (`DatasetConfig.transform_settings()`), its
+    `num_classes` and its mixing `seed`; only classification reads them: with Mixup/CutMix or label
+    smoothing on, its labels become soft targets (moevit.data.mixup). Evaluation leaves them out and
+    gets hard labels.
+    """
     if task_type not in COLLATE_FUNCTIONS:
         raise ValueError(f"unknown task type {task_type!r}; expected one of {sorted(COLLATE_FUNCTIONS)}")
+    mixes = isinstance(train_settings, ImageNetTransforms) and needs_soft_targets(train_settings)
+    if task_type == "classification" and mixes:
+        if num_classes is None:
+            raise ValueError("collate_for_task: soft classification targets need num_classes")
+        return MixupCollate(collate_classification, train_settings, num_classes, seed)
     return COLLATE_FUNCTIONS[task_type]
 
 

@@ -10,6 +10,10 @@ The position, not the dataset index: the padded sampler repeats indices at an ep
 corrupt sample is replaced by its neighbour (moevit.data.skip), so one index can stand at several
 positions, each with its own draw.
 
+Dict samples also carry their position (``STREAM_POSITION``), so that randomness drawn for a whole batch
+after collation (Mixup/CutMix, moevit.data.mixup) can be seeded the same way, by the batch's first
+position.
+
 Every generator a transform may use is seeded: torch's (torchvision's transforms), Python's `random`
 and NumPy's global one. Their states are restored after the sample, so with `num_workers: 0` the main
 process's streams (dropout, the checkpointed RNG state) are not disturbed.
@@ -26,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+STREAM_POSITION = "stream_position"  # the key SeededSamples adds to dict samples
 
 
 def derive_seed(*parts: object) -> int:
@@ -52,7 +58,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 class SeededSamples(Dataset):
     """A map-style dataset read by stream position: item `(index, position)` is `dataset[index]` drawn
-    under RNGs seeded from (`seed`, position).
+    under RNGs seeded from (`seed`, position); a dict sample gets its position as `STREAM_POSITION`.
 
     Args:
         dataset: the task's dataset (reader, transforms, corrupt-sample skipping).
@@ -68,4 +74,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, position = key
         with seeded_rngs(derive_seed(self.seed, position)):
-            return self.dataset[index]
+            sample = self.dataset[index]
+        if isinstance(sample, dict):
+            sample = {**sample, STREAM_POSITION: position}
+        return sample

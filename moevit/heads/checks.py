@@ -31,6 +31,19 @@ def check_class_labels(labels: torch.Tensor, num_classes: int, where: str) -> No
         )
 
 
+def check_soft_targets(targets: torch.Tensor, batch_size: int, num_classes: int, where: str) -> None:
+    """Raises ValueError unless `targets` is a float (batch_size, num_classes) matrix whose rows are
+    distributions (non-negative, summing to 1), as Mixup and label smoothing make them."""
+    if targets.shape != (batch_size, num_classes):
+        raise ValueError(
+            f"{where}: expected soft targets of shape ({batch_size}, {num_classes}), got {tuple(targets.shape)}"
+        )
+    if targets.numel() and (
+        targets.min() < 0 or not torch.allclose(targets.sum(dim=1), targets.new_ones(batch_size), atol=1e-3)
+    ):
+        raise ValueError(f"{where}: soft targets must be non-negative rows summing to 1")
+
+
 def requested_maps(
     backbone_out: BackboneOutput, feature_indices: Sequence[int], where: str
 ) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.data.multitask import MultiTaskLoader
 from moevit.data.schedule import TaskSchedule
+from moevit.data.seeding import derive_seed
 from moevit.data.workers import ignore_stop_signals
 
 
@@ -38,7 +39,16 @@ def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoad
     return MultiTaskLoader(
         datasets,
         batch_sizes={name: task.data.batch_size for name, task in cfg.tasks.items()},
-        collate_fns={name: collate_for_task(task.type) for name, task in cfg.tasks.items()},
+        collate_fns={
+            # Classification training may mix batches (Mixup/CutMix), seeded per task and batch.
+            name: collate_for_task(
+                task.type,
+                task.data.transform_settings(),
+                task.num_classes,
+                derive_seed(cfg.seed, name, "mixup"),
+            )
+            for name, task in cfg.tasks.items()
+        },
         schedule=schedule,
         rank=rank,
         world_size=world_size,
