@@ -1,12 +1,14 @@
-"""Training and evaluation transforms for the three tasks, on sample dicts (torchvision.transforms.v2).
+"""Training and evaluation transforms for the three tasks, on sample dicts.
 
-v2 transforms read the tv_tensors in a sample (``Image``, ``BoundingBoxes``, ``Mask``) and apply the
-same geometry to all of them, so boxes and masks stay aligned with the image; other entries
-(``label``, ``key``, ``image_id``, ``num_skipped``) pass through unchanged. Every pipeline ends in a
+A reader yields a sample dict whose image, boxes and mask are torchvision tv_tensors (``Image``,
+``BoundingBoxes``, ``Mask``); a task's transform applies the same geometry to all of them and passes the
+other entries (``label``, ``key``, ``image_id``, ``num_skipped``) through. Every pipeline ends in a
 float32 image normalized with the ImageNet mean/std.
 
-Each task type's geometry lives in its own module (classification.py, detection.py,
-segmentation.py), each building its whole pipeline from its format's settings (``moevit.config.schema.FORMAT_TRANSFORMS``).
+Each task type has its own module, which builds its whole pipeline from its format's settings
+(``moevit.config.schema.FORMAT_TRANSFORMS``): classification.py (timm's ``create_transform``),
+detection.py (ViTDet's large-scale jitter, torchvision v2) and segmentation.py (mmsegmentation's
+ADE20K pipeline).
 """
 
 from __future__ import annotations
