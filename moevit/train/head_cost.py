@@ -5,27 +5,29 @@ of widths, scales or levels in the head's options shows up here without a second
 
 - bytes: each convolution saves its input (``c`` bytes per element at the compute precision), each
   normalisation its input (fp32: autocast runs norms in fp32), each GELU its input, each max pooling
-  its input and int64 indices; ReLU and dropout add nothing (the next convolution saves the same
-  tensor, dropout's channel mask is tiny);
+  its input and int64 indices, each ReLU its output unless a convolution follows it directly (which
+  saves the same tensor); dropout keeps only a channel mask;
 - multiply-adds: convolutions and linears (what moevit.models.flops counts for the backbone);
   interpolation, pooling, norms and the losses are elementwise and not counted.
 
 Per head:
 
 - detection (RetinaNet on ViTDet's simple feature pyramid): the pyramid's stacks on the last ViT map,
-  the classification and box subnets on every level, then the concatenated outputs ``A (K + 4)`` per
-  location (``c``, plus an fp32 copy under bf16) and the sigmoid focal loss, which saves about ten
-  fp32 tensors the size of the class logits (torchvision's ``sigmoid_focal_loss``: inputs, targets,
-  p, 1 - p, 1 - targets, the BCE, 1 - p_t, its power, alpha_t, the product);
+  the classification and box subnets on every level, then torchvision's ``sigmoid_focal_loss`` on the
+  ``A K`` class logits per location, which saves eight fp32 tensors of that size (the logits it
+  reads, the targets, p, 1 - targets, 1 - p_t, the BCE, the focal power, alpha_t: checked with
+  saved-tensor hooks). The concatenated head outputs and their fp32 copy are only read by the loss
+  and freed before the backward; the GIoU box loss covers the few positive anchors;
 - segmentation (UperNet on BEiT's multi-level neck): the neck's stacks, the laterals, pyramid pooling,
-  the FPN convolutions, the bottleneck on the concatenated levels and the classifier, then the logits
-  upsampled to the image (``c K H W``) and the cross-entropy's fp32 log-softmax (``4 K H W``);
+  the FPN convolutions, the bottleneck on the concatenated levels and the classifier, then the
+  cross-entropy's fp32 log-softmax at image size (``4 K H W``; the upsampled logits it reads are freed);
 - classification: the pooled token through the norm and the linear, and the logits' log-softmax.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -37,7 +39,7 @@ from moevit.models.moe_vit import MoEViT
 
 FP32_BYTES = 4
 INDEX_BYTES = 8  # max pooling's int64 indices
-FOCAL_LOSS_SAVED = 10  # fp32 tensors of the class-logit size that sigmoid_focal_loss saves (module doc)
+FOCAL_LOSS_SAVED = 8  # fp32 tensors of the class-logit size that sigmoid_focal_loss saves (module doc)
 
 Shape = tuple[int, int, int]  # (channels, height, width) of one image's map
 
@@ -48,13 +50,29 @@ class HeadCost:
     macs: int = 0  # forward multiply-adds
 
 
-def walk(module: nn.Module, shape: Shape, c: int, cost: HeadCost) -> Shape:
-    """Adds what a stack of 2-d layers costs on one (channels, h, w) input to `cost`; its output shape."""
-    channels, h, w = shape
+def walk(chain: nn.Module | Sequence[nn.Module], shape: Shape, c: int, cost: HeadCost) -> Shape:
+    """Adds what a chain of 2-d layers (nested Sequentials flattened) costs on one (channels, h, w)
+    input to `cost`; returns the output shape."""
+    layers = [
+        leaf for module in ([chain] if isinstance(chain, nn.Module) else chain) for leaf in _leaves(module)
+    ]
+    for i, layer in enumerate(layers):
+        # A ReLU saves its output, which a convolution right after it saves as its input anyway.
+        feeds_conv = i + 1 < len(layers) and isinstance(layers[i + 1], (nn.Conv2d, nn.ConvTranspose2d))
+        shape = _layer(layer, shape, c, cost, feeds_conv)
+    return shape
+
+
+def _leaves(module: nn.Module) -> Iterator[nn.Module]:
     if isinstance(module, nn.Sequential):
-        for layer in module:
-            shape = walk(layer, shape, c, cost)
-        return shape
+        for child in module:
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def _layer(module: nn.Module, shape: Shape, c: int, cost: HeadCost, feeds_conv: bool) -> Shape:
+    channels, h, w = shape
     elements = channels * h * w
     if isinstance(module, nn.Conv2d):
         out_h = (h + 2 * module.padding[0] - module.kernel_size[0]) // module.stride[0] + 1
@@ -78,7 +96,10 @@ def walk(module: nn.Module, shape: Shape, c: int, cost: HeadCost) -> Shape:
     if isinstance(module, nn.GELU):
         cost.bytes += c * elements
         return shape
-    if isinstance(module, (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity)):
+    if isinstance(module, nn.ReLU):
+        cost.bytes += 0 if feeds_conv else c * elements
+        return shape
+    if isinstance(module, (nn.Dropout, nn.Dropout2d, nn.Identity)):  # dropout2d keeps a (C,) mask
         return shape
     raise TypeError(f"no cost rule for head layer {type(module).__name__}")
 
@@ -114,13 +135,10 @@ def _detection(head: DetectionHead, grid: Shape, c: int, cost: HeadCost) -> None
             (subnets.classification_head.conv, subnets.classification_head.cls_logits),
             (subnets.regression_head.conv, subnets.regression_head.bbox_reg),
         ):
-            walk(predictor, walk(subnet, shape, c, cost), c, cost)
+            walk([subnet, predictor], shape, c, cost)
         locations += shape[1] * shape[2]
     anchors = head.detector.anchor_generator.num_anchors_per_location()[0]
-    class_logits = locations * anchors * head.num_classes
-    outputs = class_logits + locations * anchors * 4
-    float_copy = FP32_BYTES * outputs if c != FP32_BYTES else 0
-    cost.bytes += c * outputs + float_copy + FOCAL_LOSS_SAVED * FP32_BYTES * class_logits
+    cost.bytes += FOCAL_LOSS_SAVED * FP32_BYTES * locations * anchors * head.num_classes
 
 
 def _upernet(head: UperNetHead, grid: Shape, image_hw: tuple[int, int], c: int, cost: HeadCost) -> None:
@@ -138,7 +156,7 @@ def _upernet(head: UperNetHead, grid: Shape, image_hw: tuple[int, int], c: int, 
     for conv, shape in zip(head.fpn_convs, levels):
         walk(conv, (channels, shape[1], shape[2]), c, cost)
     finest = levels[0]
-    fused = walk(head.fpn_bottleneck, (len(levels) * channels, finest[1], finest[2]), c, cost)
-    walk(head.classifier, fused, c, cost)  # its input is dropout's output, a tensor of its own
-    pixels = image_hw[0] * image_hw[1]
-    cost.bytes += (c + FP32_BYTES) * head.num_classes * pixels
+    fused = (len(levels) * channels, finest[1], finest[2])
+    walk([head.fpn_bottleneck, head.dropout, head.classifier], fused, c, cost)
+    # The logits upsampled to the image are read by the loss only; its fp32 log-softmax is kept.
+    cost.bytes += FP32_BYTES * head.num_classes * image_hw[0] * image_hw[1]

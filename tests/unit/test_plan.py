@@ -226,3 +226,29 @@ def test_backbone_estimate_matches_the_tensors_autograd_saves(tiny_config, synth
     out.tokens.sum().backward()
     estimate = 2 * sum(backbone_bytes(model.backbone, (64, 64), "fp32").values())
     assert estimate == pytest.approx(sum(saved.values()), rel=0.15)
+
+
+def test_task_estimate_matches_the_tensors_autograd_saves(tiny_config, synth_root):
+    """Backbone + head + loss of every task on a real training batch (fp32, CPU), within 10%."""
+    cfg = config_of(
+        tiny_config(synth_root, image_size=64, batch_sizes={"imagenet": 2, "coco": 2, "ade20k": 2})
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for task, batch in next(build_train_loader(cfg, rank=0, world_size=1)):
+        saved: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(task, batch).losses["loss"].backward()
+        images = batch["images"]
+        estimate = task_activation_bytes(
+            model.backbone, model.heads[task], tuple(images.shape[-2:]), images.shape[0], "fp32"
+        )
+        assert estimate["total"] == pytest.approx(sum(saved.values()), rel=0.10), task
