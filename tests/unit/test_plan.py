@@ -236,15 +236,16 @@ def test_task_estimate_matches_the_tensors_autograd_saves(tiny_config, synth_roo
     torch.manual_seed(0)
     model = build_model(cfg).train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
     for task, batch in next(build_train_loader(cfg, rank=0, world_size=1)):
-        saved: dict[int, int] = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
+        saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(task, batch).losses["loss"].backward()
         images = batch["images"]
