@@ -148,10 +148,10 @@ def measure_task(config: str, overrides: list[str], task: str) -> dict:
         loss = model(task, batch).losses["loss"]
     forward_s = time.perf_counter() - started
     after_forward = resident.current()
-    forward_peak = resident.peak
+    forward_peak = max(resident.peak, after_forward)  # the sampler may not have run since the last growth
     loss.backward()
     step_s = time.perf_counter() - started
-    step_peak = resident.peak
+    step_peak = max(resident.peak, forward_peak, resident.current())
     resident.stop()
     with torch.no_grad(), FlopCounterMode(display=False) as backbone_flops:
         indices = model.heads[task].feature_indices
