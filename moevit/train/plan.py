@@ -174,8 +174,13 @@ _COLUMNS = (  # (header, cell of a task row)
     ("act. mem/GPU", lambda row: f"{row['activation_gib_per_gpu']:.2f} GiB"),
     ("steps", lambda row: f"{row['steps_trained']:,}"),
     ("epochs", lambda row: f"{row['epochs']:.2f}" + ("*" if row["dataset_size_nominal"] else "")),
-    ("train PFLOPs", lambda row: f"{row['train_pflops']:,.0f}"),
+    ("train PFLOPs", lambda row: _amount(row["train_pflops"])),
 )
+
+
+def _amount(value: float) -> str:
+    """Whole numbers with separators when large, three significant digits when small (demo configs)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def format_plan_table(report: dict) -> str:
@@ -193,7 +198,7 @@ def format_plan_table(report: dict) -> str:
         f"{report['steps']:,} steps: {totals['params_total'] / 1e6:.1f}M parameters, "
         f"activations {totals['activation_gib_per_gpu_per_step']:.2f} GiB/GPU per step, "
         f"{totals['tokens_per_step_global']:,.0f} tokens/step (mean over steps), "
-        f"{totals['train_pflops']:,.0f} train PFLOPs"
+        f"{_amount(totals['train_pflops'])} train PFLOPs"
     )
     width = max(len(lines[0]), 60)
     return "\n".join([*lines, "", textwrap.fill(summary, width), "", textwrap.fill(report["notes"], width)])
