@@ -100,11 +100,8 @@ def plan_report(cfg: Config, gpus: int, source: str = "config") -> dict:
         memory = task_activation_bytes(
             model.backbone, model.heads[name], (side, side), task.data.batch_size, precision, windows
         )
-        head_gflops = (
-            2
-            * head_cost(model.heads[name], model.backbone, (side, side), COMPUTE_BYTES[precision]).macs
-            / 1e9
-        )
+        head = head_cost(model.heads[name], model.backbone, (side, side), COMPUTE_BYTES[precision])
+        head_gflops = 2 * head.macs / 1e9
         gflops = flops["gflops"] + head_gflops
         batch = task.data.batch_size
         covered = coverage[name]
