@@ -173,9 +173,8 @@ def test_a_vit_b16_plan_on_64_gpus_is_built_on_meta_in_seconds():
     assert all(p.is_meta for p in model.parameters())
     started = time.perf_counter()
     report = plan_report(cfg, 64)
-    assert (
-        time.perf_counter() - started < 30
-    )  # seconds; the real weights would take ~1 GB and minutes to init
+    # Seconds: real ViT-B weights would take ~1 GB and a long initialisation.
+    assert time.perf_counter() - started < 10
     imagenet = report["tasks"]["imagenet"]
     # Top-4 of 16 experts of width 768 = the dense 3072-wide MLP: ViT-B/16's 86M active parameters.
     assert imagenet["params_active_per_token"] == pytest.approx(86.5e6, rel=0.02)
