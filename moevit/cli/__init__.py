@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moevit.cli.ckpt import add_ckpt_parser
     from moevit.cli.expand import add_expand_parser
     from moevit.cli.finetune import add_finetune_parser
+    from moevit.cli.plan import add_plan_parser
     from moevit.cli.prune import add_prune_parser
     from moevit.cli.shard import add_shard_parser
     from moevit.cli.submit import add_submit_parser
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("overrides", nargs="*")
     flops.add_argument("--json", action="store_true")
     flops.set_defaults(func=cmd_flops)
+    add_plan_parser(commands)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_command", required=True

@@ -203,6 +203,10 @@ class MultiTaskLoader:
         """Drop the DataLoader iterators, which stops their worker processes."""
         self._batch_iterators.clear()
 
+    def dataset_sizes(self) -> dict[str, int]:
+        """Samples in each task's dataset (what one epoch of it is)."""
+        return {t: len(self._datasets[t]) for t in self.schedule.tasks}
+
     def expected_ratios(self) -> dict[str, float]:
         """The schedule's expected fraction of training samples per task, with these batch sizes."""
         return self.schedule.expected_ratios(self.batch_sizes)

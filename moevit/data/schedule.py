@@ -32,10 +32,16 @@ fraction of training samples that come from each task. With per-task batch sizes
 probability ``p_t`` (1 for every task under ``"all"``), that fraction is ``p_t b_t / sum_s p_s b_s``.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from moevit.config.schema import Config
 
 STRATEGIES = ("all", "weighted", "round_robin")
 
@@ -226,3 +232,25 @@ class TaskSchedule:
     def __repr__(self) -> str:
         probabilities = ", ".join(f"{t}={p:.3f}" for t, p in self.step_probabilities.items())
         return f"TaskSchedule(strategy={self.strategy!r}, seed={self.seed}, step_probabilities=({probabilities}))"
+
+
+def build_schedule(cfg: Config, dataset_sizes: Mapping[str, int]) -> TaskSchedule:
+    """`cfg.train.sampling` as a TaskSchedule; the weighted draw without ratios uses dataset sizes.
+
+    The one place a config becomes a schedule: the training loader and the epoch count of
+    moevit.data.coverage (what `moevit plan` and the training start report) both call it.
+    """
+    sampling = cfg.train.sampling
+    if sampling.strategy != "weighted":
+        return TaskSchedule(list(cfg.tasks), sampling.strategy, seed=cfg.seed)
+    if sampling.ratios is not None:
+        return TaskSchedule(list(cfg.tasks), "weighted", ratios=sampling.ratios, seed=cfg.seed)
+    if sampling.temperature is None:  # neither ratios nor temperature: uniform over tasks
+        return TaskSchedule(list(cfg.tasks), "weighted", seed=cfg.seed)
+    return TaskSchedule(
+        list(cfg.tasks),
+        "weighted",
+        dataset_sizes=dict(dataset_sizes),
+        temperature=sampling.temperature,
+        seed=cfg.seed,
+    )

@@ -6,27 +6,9 @@ from moevit.config.schema import Config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.data.multitask import MultiTaskLoader
-from moevit.data.schedule import TaskSchedule
+from moevit.data.schedule import build_schedule
 from moevit.data.seeding import derive_seed
 from moevit.data.workers import ignore_stop_signals
-
-
-def build_schedule(cfg: Config, dataset_sizes: dict[str, int]) -> TaskSchedule:
-    """`train.sampling` as a TaskSchedule; the weighted draw without ratios uses dataset sizes."""
-    sampling = cfg.train.sampling
-    if sampling.strategy != "weighted":
-        return TaskSchedule(list(cfg.tasks), sampling.strategy, seed=cfg.seed)
-    if sampling.ratios is not None:
-        return TaskSchedule(list(cfg.tasks), "weighted", ratios=sampling.ratios, seed=cfg.seed)
-    if sampling.temperature is None:  # neither ratios nor temperature: uniform over tasks
-        return TaskSchedule(list(cfg.tasks), "weighted", seed=cfg.seed)
-    return TaskSchedule(
-        list(cfg.tasks),
-        "weighted",
-        dataset_sizes=dataset_sizes,
-        temperature=sampling.temperature,
-        seed=cfg.seed,
-    )
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoader:

@@ -19,6 +19,8 @@ import torch
 from moevit.artifacts.checkpoints import resolve_resume
 from moevit.artifacts.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.config.schema import Config
+from moevit.data.coverage import epochs_covered
+from moevit.data.multitask import MultiTaskLoader
 from moevit.data.seeding import derive_seed
 from moevit.fileio import write_text_atomically
 from moevit.parallel.checkpoint import load_checkpoint
@@ -46,6 +48,13 @@ def skipped_samples_over_ranks(counts: dict[str, int], device: torch.device) -> 
     """Each rank's loader counts its own corrupt samples; the run reports their sum."""
     summed = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
     return {task: round(total) for task, total in zip(counts, summed.tolist())}
+
+
+def coverage_lines(train_cfg: Config, loader: MultiTaskLoader, world_size: int) -> list[str]:
+    """One line per training task: the epochs of its train split that the whole run covers (the count
+    `moevit plan` prints, here with the sizes of the datasets the loader holds)."""
+    coverage = epochs_covered(train_cfg, world_size, loader.dataset_sizes())
+    return [f"epochs covered by {train_cfg.train.steps} steps: " + c.describe(t) for t, c in coverage.items()]
 
 
 def train_one_step(state: TrainState, engine, logger: RunLogger, step: int, device: torch.device) -> None:
@@ -92,6 +101,9 @@ def run_training(
 
     last = cfg.train.steps
     logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
+    if is_main_process():
+        for line in coverage_lines(cfg.training_view(), state.loader, env.world_size):
+            logger.message(line)
     if checkpoint is not None:
         logger.message(f"resumed from {checkpoint.directory} at step {start_step}")
     evaluation = EvaluationHook(cfg, engine.module, state.usage, run.plots, logger, env, device)

@@ -4,8 +4,9 @@ import pytest
 
 from moevit.config import build_config
 from moevit.config.schema import Config
+from moevit.data.schedule import build_schedule
 from moevit.data.synth import write_synthetic_datasets
-from moevit.train.loader import build_schedule, build_train_loader
+from moevit.train.loader import build_train_loader
 
 TASKS = ("a", "b")
 
