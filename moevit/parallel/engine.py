@@ -50,7 +50,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from moevit.parallel.env import DistributedEnv
 from moevit.parallel.expert_parallel import apply_expert_parallel
-from moevit.parallel.setup import device_for, expert_group_name, resolve_precision
+from moevit.parallel.layout import resolve_precision
+from moevit.parallel.setup import device_for, expert_group_name
 
 if TYPE_CHECKING:
     from moevit.config.schema import Config, OptimConfig

@@ -1,7 +1,7 @@
 """Starting the process group and DeepSpeed's expert-parallel groups; device and precision choice.
 
-Order at start-up: `check_layout` (pure arithmetic, raises before anything waits on a
-rendezvous) -> `initialize_distributed` -> build the model -> `moevit.parallel.engine.build_engine`.
+Order at start-up: `check_layout` (moevit.parallel.layout: pure arithmetic, raises before anything
+waits on a rendezvous) -> `initialize_distributed` -> build the model -> `moevit.parallel.engine.build_engine`.
 
 Groups (DeepSpeed's `utils.groups`, "E + D" layout, for world size W and ep_size P):
 - expert-parallel group `ep_size_P`: P consecutive ranks [kP, (k+1)P) that together hold one
@@ -22,13 +22,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from moevit.config.errors import ConfigError
 from moevit.parallel.env import DistributedEnv, detect_environment
+from moevit.parallel.layout import check_layout, resolve_backend
 
 if TYPE_CHECKING:
     from moevit.config.schema import Config
 
-LAYOUT_SOURCE = "parallel layout"
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's name for its CPU shared-memory all-reduce op
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # a first NCCL/GLOO collective may wait on a slow rank's data loading
 
@@ -36,49 +35,6 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)  # a first NCCL/GLOO collective may wait
 def expert_group_name(ep_size: int) -> str:
     """DeepSpeed's name for the expert-parallel and expert-data-parallel groups of this size."""
     return f"ep_size_{ep_size}"
-
-
-def check_layout(cfg: Config, world_size: int, num_experts: int | None) -> None:
-    """Raise ConfigError unless parallel.ep_size divides the world size and the expert count.
-
-    Args:
-        cfg: the run's config.
-        world_size: processes in the job.
-        num_experts: experts per MoE layer of the model to be built; None skips that check.
-    """
-    ep_size = cfg.parallel.ep_size
-    if ep_size < 1:
-        raise ConfigError(LAYOUT_SOURCE, f"parallel.ep_size must be >= 1, got {ep_size}")
-    if world_size % ep_size:
-        raise ConfigError(
-            LAYOUT_SOURCE,
-            f"parallel.ep_size={ep_size} does not divide the world size {world_size} "
-            f"(expert-parallel groups are {ep_size} consecutive ranks)",
-        )
-    if num_experts is not None and num_experts % ep_size:
-        raise ConfigError(
-            LAYOUT_SOURCE,
-            f"parallel.ep_size={ep_size} does not divide the number of experts per MoE layer ({num_experts})",
-        )
-    if resolve_backend(cfg) == "nccl" and not torch.cuda.is_available():
-        raise ConfigError(
-            LAYOUT_SOURCE, "parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU"
-        )
-
-
-def resolve_backend(cfg: Config) -> str:
-    """parallel.backend with "auto" resolved: nccl when CUDA is available, gloo otherwise."""
-    if cfg.parallel.backend != "auto":
-        return cfg.parallel.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def resolve_precision(cfg: Config) -> torch.dtype:
-    """parallel.precision with "auto" resolved: bf16 on GPU, fp32 on CPU."""
-    precision = cfg.parallel.precision
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 def device_for(env: DistributedEnv) -> torch.device:

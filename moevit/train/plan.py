@@ -24,7 +24,7 @@ from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.flops import analytic_flops, count_parameters
 from moevit.models.multitask import MultiTaskModel
-from moevit.parallel.setup import check_layout
+from moevit.parallel.layout import check_layout
 from moevit.train.activation_memory import COMPUTE_BYTES, task_activation_bytes, windows_of
 from moevit.train.head_cost import head_cost
 

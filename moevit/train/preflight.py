@@ -3,7 +3,7 @@
 The loader (moevit.config.loader) already refused unknown keys and wrong types. What is left needs the
 tasks, the built model or the world size: every task has a dataset whose root exists, the model builds
 (top-k within the expert count, image sizes that fit the patch grid), and `parallel.ep_size` divides
-both the world size and every MoE layer's expert count (moevit.parallel.setup.check_layout).
+both the world size and every MoE layer's expert count (moevit.parallel.layout.check_layout).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from moevit.config.schema import Config
 from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.multitask import MultiTaskModel
-from moevit.parallel.setup import check_layout
+from moevit.parallel.layout import check_layout
 
 
 def build_checked_model(cfg: Config, world_size: int, source: str = "config") -> MultiTaskModel:

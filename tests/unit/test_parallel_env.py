@@ -6,7 +6,8 @@ import torch
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config, ParallelConfig, TaskConfig
 from moevit.parallel.env import DistributedEnv, detect_environment, expand_nodelist
-from moevit.parallel.setup import check_layout, device_for, resolve_backend, resolve_precision
+from moevit.parallel.layout import check_layout, resolve_backend, resolve_precision
+from moevit.parallel.setup import device_for
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node7", "MASTER_PORT": "29611"}
 

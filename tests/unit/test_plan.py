@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -252,3 +254,20 @@ def test_task_estimate_matches_the_tensors_autograd_saves(tiny_config, synth_roo
             model.backbone, model.heads[task], tuple(images.shape[-2:]), images.shape[0], "fp32"
         )
         assert estimate["total"] == pytest.approx(sum(saved.values()), rel=0.10), task
+
+
+def test_plan_json_is_clean_on_stdout_in_a_fresh_process():
+    """A fresh `moevit plan --json` prints only JSON on stdout: sizing a job imports no DeepSpeed (whose
+    import logs a warning to stdout)."""
+    command = [
+        sys.executable,
+        "-m",
+        "moevit.cli",
+        "plan",
+        str(Path(__file__).parents[2] / "configs/paper/moevit_b16_hetero.yaml"),
+        "--gpus",
+        "64",
+    ]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gpus"] == 64
