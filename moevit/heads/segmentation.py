@@ -36,8 +36,13 @@ from moevit.models.moe_vit import BackboneOutput
 
 
 def group_norm(num_channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of `num_channels` below that."""
-    return nn.GroupNorm(math.gcd(32, num_channels), num_channels)
+    """GroupNorm with 32 groups, or the largest power-of-two divisor of `num_channels` below that, with
+    at least two channels per group: the pyramid pooling's 1x1 branch normalises a single pixel, where
+    a one-channel group has no variance (a 32-channel decoder failed there in training)."""
+    groups = math.gcd(32, num_channels)
+    if num_channels // groups < 2 and num_channels > 1:
+        groups = math.gcd(32, num_channels // 2)
+    return nn.GroupNorm(groups, num_channels)
 
 
 ConvNormReLU = partial(Conv2dNormActivation, norm_layer=group_norm, activation_layer=nn.ReLU)

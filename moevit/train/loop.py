@@ -122,8 +122,9 @@ def run_training(
                 logger.message(preemption.describe(step))
                 metrics = {}  # an earlier evaluation is not the result of the run
                 break
-    except BaseException:  # an error in the loop: no requeue, and no handler left behind
+    except BaseException:  # an error in the loop: no requeue, no handler and no worker left behind
         preemption.restore()
+        state.loader.close()
         raise
     peak_memory = peak_memory_over_ranks(device)
     if is_main_process():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -38,3 +41,23 @@ def test_without_it_a_sigterm_kills_the_worker_and_the_read_fails():
     loader = DataLoader(SignalsItself(signal.SIGTERM), batch_size=2, num_workers=1)
     with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal|exited unexpectedly)"):
         list(loader)
+
+
+def test_a_process_that_fails_mid_iteration_exits_without_waiting_for_its_workers():
+    """Workers ignore SIGTERM, which is how multiprocessing stops them at exit; an error raised while a
+    loader is being read (its iterator still alive in the traceback) must not leave the process waiting
+    for them forever (it did: the paper rehearsal hung after a failed step)."""
+    program = textwrap.dedent(
+        """
+        import torch
+        from torch.utils.data import DataLoader
+        from moevit.data.workers import ignore_stop_signals
+
+        loader = DataLoader(list(range(64)), batch_size=1, num_workers=2, worker_init_fn=ignore_stop_signals)
+        batches = iter(loader)
+        next(batches)
+        raise RuntimeError("a failed step")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "a failed step" in done.stderr

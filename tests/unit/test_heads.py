@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_iou
 
@@ -17,6 +18,7 @@ from moevit.heads import (
     build_mmseg_decode_head,
     evenly_spaced_blocks,
 )
+from moevit.heads.segmentation import UperNetHead
 from moevit.models import create_model
 from moevit.models.multitask import MultiTaskModel
 
@@ -262,6 +264,19 @@ def test_segmentation_logits_at_input_resolution():
     model.eval()
     logits = model.predict("seg", make_batch("seg", batch_size=3))
     assert logits.shape == (3, NUM_CLASSES["seg"], IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("channels", [32, 48, 64])
+def test_a_narrow_upernet_trains_on_one_image(channels):
+    """Batch 1 in training: the pyramid pooling's 1x1 branch has one pixel per channel, so a GroupNorm
+    group needs two channels (32 one-channel groups raised "Expected more than 1 value per channel")."""
+    head = UperNetHead(embed_dim=64, num_classes=5, in_indices=[0, 1, 2, 3], channels=channels).train()
+    maps = [torch.randn(1, 64, 4, 4) for _ in range(4)]
+    logits = head(maps, (32, 32))
+    head.loss(logits, torch.randint(0, 5, (1, 32, 32))).backward()
+    assert all(
+        norm.num_groups * 2 <= norm.num_channels for norm in head.modules() if isinstance(norm, nn.GroupNorm)
+    )
 
 
 def test_segmentation_loss_averages_over_pixels_not_ignored():
