@@ -33,6 +33,13 @@ class MoEConfig:
     attention_experts: int | None = None  # mixture of attention heads on MoE blocks; 0 = off
     attention_top_k: int | None = None
     attention_head_dim: int | None = None
+    # Routing that cannot collapse at initialisation (issue 16): the gates' initial weights and the
+    # training-only jitter of the router input (moevit.layers.router). None: the model's defaults.
+    gate_init_std: float | None = None
+    router_jitter: float | None = None
+    # Expert capacity bound (issue 16): None is dropless; else each expert takes at most
+    # capacity_factor x its even share of a step's routed slots, and the overflow passes the residual.
+    capacity_factor: float | None = None
 
     def validate(self) -> None:
         for name in ("num_experts", "top_k", "expert_hidden", "attention_top_k", "attention_head_dim"):
@@ -60,10 +67,15 @@ class ModelConfig:
     window_size: int | None = None
     global_blocks: list[int] | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Pretrained start (issue 16): a local checkpoint the model starts from (see moevit.models.init).
+    init: str | None = None
 
     def variant_overrides(self) -> dict:
         """Constructor arguments for `create_model`, only those this config sets."""
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "moe")}
+        not_constructor_arguments = ("name", "moe", "init")
+        overrides = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in not_constructor_arguments
+        }
         moe = {f.name: getattr(self.moe, f.name) for f in fields(self.moe)}
         moe["moe_layers"] = moe.pop("layers")
         return {key: value for key, value in {**overrides, **moe}.items() if value is not None}
@@ -331,6 +343,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
     grad_clip: float = 1.0  # global norm; 0 disables
+    # Layer-wise lr decay (issue 16; BEiT/ViTDet): block i of n gets lr x layer_decay ** (n - i); 1 is off.
+    layer_decay: float = 1.0
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -377,6 +391,10 @@ class TrainConfig:
     # the task. 0.9 averages about the last 10 such steps: the routing of the model as it ends, not of
     # the early steps before the tasks specialised.
     usage_ema_decay: float = 0.9
+    # Memory and schedule (issue 16): micro-batches per optimizer step (DeepSpeed's
+    # gradient_accumulation_steps) and activation checkpointing of every transformer block.
+    grad_accum_steps: int = 1
+    activation_checkpointing: bool = False
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
@@ -400,7 +418,7 @@ class ParallelConfig:
 
     ep_size: int = 1  # ranks that share one copy of the experts (expert parallelism)
     zero_stage: Literal[0, 1, 2] = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
     def validate(self) -> None:
