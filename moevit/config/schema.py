@@ -343,7 +343,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
     grad_clip: float = 1.0  # global norm; 0 disables
-    # Layer-wise lr decay (issue 16; BEiT/ViTDet): block i of n gets lr x layer_decay ** (n - i); 1 is off.
+    # Layer-wise lr decay (issue 16; BEiT/ViTDet): block i of n gets lr x layer_decay ** (n - i), the
+    # embeddings lr x layer_decay ** (n + 1), final norm and heads lr; 1 is off (moevit.parallel.engine).
     layer_decay: float = 1.0
 
     def validate(self) -> None:
@@ -355,6 +356,8 @@ class OptimConfig:
             raise ValueError("weight_decay, warmup_steps and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] (1: off), got {self.layer_decay}")
 
 
 @dataclass

@@ -277,10 +277,16 @@ class MoEViT(nn.Module):
             router.force_balanced = enabled
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names a trainer should not decay (timm's hook)."""
+        """Parameter names a trainer should not decay (timm's hook), besides 1-D ones and biases: the
+        embeddings, and the gates (decay would pull every task's logits towards uniform routing)."""
         names = {"pos_embed", "cls_token"}
         if self.task_embed is not None:
             names |= {f"task_embed.{task}" for task in self.tasks}
+        names |= {
+            f"{layer}.router.{name}"
+            for layer, router in self.routers()
+            for name, _ in router.named_parameters()
+        }
         return names
 
 

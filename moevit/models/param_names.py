@@ -119,3 +119,32 @@ def mlp_layer_index(layer: str) -> int:
 
 def mlp_layer_name(index: int) -> str:
     return f"blocks.{index}.mlp"
+
+
+# Layer-wise lr decay (BEiT, Bao et al. 2022; timm's `param_groups_layer_decay`; moevit.parallel.engine)
+# numbers a ViT from the input: what enters before the first block is layer 0, block i is layer i + 1,
+# and what follows the last block (final norm, heads) is layer depth + 1, the top, at the full lr.
+_STEM = re.compile(r"(?:cls_token|pos_embed|patch_embed\..+|task_embed\.[^.]+)")
+_IN_BLOCK = re.compile(r"blocks\.(\d+)\..+")
+_AFTER_BLOCKS = re.compile(r"norm\..+")
+
+
+def decay_layer(key: str, depth: int, prefix: str = BACKBONE) -> int:
+    """The layer-decay layer of parameter `key` of a model with `depth` blocks: 0 for the embeddings
+    (patch, position, class token and task embeddings, which all act on the input tokens), i + 1 for
+    anything in block i (its gates and experts included), depth + 1 for the final norm and for every
+    parameter outside the backbone (the heads). ValueError for a backbone parameter of no known place,
+    so that a new one gets a deliberate layer instead of a silent default."""
+    if prefix and not key.startswith(prefix):
+        return depth + 1
+    name = key[len(prefix) :]
+    if _STEM.fullmatch(name):
+        return 0
+    block = _IN_BLOCK.fullmatch(name)
+    if block:
+        return int(block[1]) + 1
+    if _AFTER_BLOCKS.fullmatch(name):
+        return depth + 1
+    raise ValueError(
+        f"{key!r}: no layer-decay layer for this backbone parameter (moevit.models.param_names.decay_layer)"
+    )

@@ -2,7 +2,8 @@
 
 `build_engine(model, cfg, env)` shards the experts (`apply_expert_parallel`), builds AdamW
 parameter groups (no weight decay for biases, norms and the model's `no_weight_decay()`
-names; expert parameters split into DeepSpeed's MoE groups with
+names; optional layer-wise lr decay, a per-group `lr_scale` the LR schedule multiplies in; expert
+parameters split into DeepSpeed's MoE groups with
 `split_params_into_different_moe_groups_for_optimizer`, which ZeRO partitions over the
 expert-data-parallel group), a linear-warmup + cosine LR schedule stepped by the engine, and
 calls `deepspeed.initialize`. Use per optimizer step (gradient_accumulation_steps is 1):
@@ -48,6 +49,8 @@ from deepspeed.utils import groups
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from moevit.models.moe_vit import MoEViT
+from moevit.models.param_names import decay_layer
 from moevit.parallel.env import DistributedEnv
 from moevit.parallel.expert_parallel import apply_expert_parallel
 from moevit.parallel.layout import resolve_precision
@@ -57,20 +60,58 @@ if TYPE_CHECKING:
     from moevit.config.schema import Config, OptimConfig
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay / no decay (ndim <= 1 or in `model.no_weight_decay()`), then split
-    so that expert parameters sit in groups of their own, marked the way DeepSpeed expects."""
+def optimizer_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: (decay or not) x (layer-decay layer) x (expert or not), each with its `lr_scale`.
+
+    No weight decay (timm's convention) for 1-D parameters (norms), biases (also the stacked (E, H)
+    ones of single-device experts and attention experts) and the names in `model.no_weight_decay()`
+    (position embedding, class token, task embeddings, gates). Parameters with requires_grad False
+    (the continual run's frozen experts) are in no group: no update, no decay, no optimizer state.
+
+    `layer_decay` < 1: BEiT's layer-wise lr decay (moevit.models.param_names.decay_layer numbers the
+    layers 0..n+1 of an n-block backbone); a parameter of layer l trains at lr x layer_decay ** (n + 1 - l),
+    so the heads and final norm get lr, block 0 lr x layer_decay ** n, the embeddings lr x layer_decay ** (n + 1).
+    Groups then carry `layer_id` and are ordered from the top layer down: the first group has the
+    full lr, the one the training log reports (`engine.get_lr()[0]`). With layer_decay 1 every layer
+    shares a group, so the groups are the two they were before layer decay existed (checkpoints stay
+    loadable). Finally DeepSpeed's split moves the expert parameters of every group into a group of
+    their own (`moe`: True, named after the expert group), keeping the group's other keys.
+    """
     skip_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    layer_of = _decay_layer_function(model) if layer_decay < 1 else None
+    groups: dict[tuple[int | None, bool], dict] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name in skip_decay else decay).append(param)
-    param_groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    split = split_params_into_different_moe_groups_for_optimizer([g for g in param_groups if g["params"]])
+        if not param.requires_grad:
+            continue
+        decays = not (param.ndim <= 1 or name.endswith("bias") or name in skip_decay)
+        layer, scale = None, 1.0
+        if layer_of is not None:
+            layer, top = layer_of(name)
+            scale = layer_decay ** (top - layer)
+        if (layer, decays) not in groups:
+            kind = "decay" if decays else "no_decay"
+            groups[layer, decays] = {
+                "name": kind if layer is None else f"layer_{layer}_{kind}",
+                "params": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr_scale": scale,
+                **({} if layer is None else {"layer_id": layer}),
+            }
+        groups[layer, decays]["params"].append(param)
+    # Top layer first, the decaying group before the other within a layer (moevit.parallel.reshard
+    # relies on that order for the expert groups).
+    ordered = [groups[key] for key in sorted(groups, key=lambda key: (-(key[0] or 0), not key[1]))]
+    split = split_params_into_different_moe_groups_for_optimizer(ordered)
     return [group for group in split if group["params"]]
+
+
+def _decay_layer_function(model: nn.Module):
+    """name -> (layer, top layer) for the parameters of `model`, a MoEViT or a model holding one."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEViT):
+            prefix, depth = f"{prefix}." if prefix else "", len(module.blocks)
+            return lambda name: (decay_layer(name, depth, prefix), depth + 1)
+    raise ValueError(f"train.optim.layer_decay < 1 needs a MoEViT backbone; {type(model).__name__} has none")
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -81,15 +122,26 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _scaled(factor, lr_scale: float, step: int) -> float:
+    return lr_scale * factor(step)
+
+
 def lr_schedule(optim: OptimConfig, total_steps: int):
-    """A callable DeepSpeed turns into the engine's scheduler (stepped and checkpointed by it)."""
+    """A callable DeepSpeed turns into the engine's scheduler (stepped and checkpointed by it): each
+    group's lr is optim.lr x the warmup-cosine factor x the group's `lr_scale` (layer decay).
+
+    The scales are bound when the scheduler is built, from the groups the config gave, so a resumed
+    run follows its config; the lr_scale a checkpoint's groups carry is only a record."""
     factor = functools.partial(
         warmup_cosine_factor,
         warmup_steps=optim.warmup_steps,
         total_steps=total_steps,
         min_ratio=optim.min_lr / optim.lr,
     )
-    return lambda optimizer: LambdaLR(optimizer, factor)
+    return lambda optimizer: LambdaLR(
+        optimizer,
+        [functools.partial(_scaled, factor, group.get("lr_scale", 1.0)) for group in optimizer.param_groups],
+    )
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -126,7 +178,9 @@ def build_engine(model: nn.Module, cfg: Config, env: DistributedEnv) -> deepspee
     model.to(device_for(env))
     optim = cfg.train.optim
     optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
+        optimizer_param_groups(model, optim.weight_decay, optim.layer_decay),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
     )
     engine, *_ = deepspeed.initialize(
         model=model,

@@ -10,8 +10,10 @@ rewrites a complete checkpoint for ep_size Q and world size W' (`moevit ckpt res
 - each expert's state (exp_avg, exp_avg_sq, step) follows its expert: in an optimizer file the MoE
   parameter groups list, per MoE layer, the rank's local experts in order, each with its parameters in
   registration order (`ExpertMlp`: fc1_weight, fc2_weight, then the biases), weights in the decay group
-  and biases in the no-decay group (moevit.parallel.engine.optimizer_param_groups). Global expert
-  g = r * E/P + local index. Shapes are checked against the per-expert weight files;
+  and biases in the no-decay group (moevit.parallel.engine.optimizer_param_groups). Without layer decay
+  there is one such pair of groups over all MoE layers; with it one pair per MoE layer, told apart by
+  their `layer_id` (`moe_group_layouts`). Global expert g = r * E/P + local index. Shapes are checked
+  against the per-expert weight files;
 - weights, LR schedule and step counters are copied; the MoE groups are renamed `ep_size_<Q>`;
 - the per-rank client states are rewritten by the caller's function (the training loop's keys:
   moevit.train.state.reshard_client_states) and written beside the rest.
@@ -95,21 +97,47 @@ def read_expert_layout(directory: Path, num_layers: int) -> ExpertLayout:
     return ExpertLayout(num_layers, counts[0], params)
 
 
-def _moe_group_positions(groups: list[dict]) -> list[int]:
-    return [i for i, group in enumerate(groups) if group.get("moe")]
+@dataclass(frozen=True)
+class MoeGroupLayout:
+    """What one MoE optimizer group holds: per MoE layer in `layers` (ordinals of the expert files), per
+    local expert, the expert's parameters at positions `kind` of ExpertLayout.params."""
+
+    layers: tuple[int, ...]
+    kind: tuple[int, ...]
 
 
-def _split_states(optimizer: dict, layout: ExpertLayout, where: Path):
-    """(param groups, state, {MoE group index: positions in layout.params of its parameters})."""
-    groups, state = optimizer["param_groups"], optimizer["state"]
-    moe_positions = _moe_group_positions(groups)
-    kinds = layout.kinds()
-    if len(moe_positions) != len(kinds):
+def moe_group_layouts(groups: list[dict], layout: ExpertLayout, where: Path) -> dict[int, MoeGroupLayout]:
+    """{index of each MoE group in `groups`: what it holds}.
+
+    Without layer decay the expert groups are one per kind (decay, no decay), each over every MoE
+    layer. With layer decay each group carries its `layer_id` (the block's layer, see
+    moevit.parallel.engine.optimizer_param_groups) and holds one MoE layer's experts: the distinct
+    layer_ids, in increasing order, are the MoE layers in the order of the expert files. Within one
+    layer_id (or all, without) the groups come decaying kind first, as `layout.kinds()` lists them.
+    """
+    by_layer: dict[int | None, list[int]] = {}
+    for index, group in enumerate(groups):
+        if group.get("moe"):
+            by_layer.setdefault(group.get("layer_id"), []).append(index)
+    layer_ids = sorted(key for key in by_layer if key is not None)
+    if layer_ids and (None in by_layer or len(layer_ids) != layout.num_layers):
         raise ReshardError(
-            f"{where}: {len(moe_positions)} MoE optimizer groups, expected {len(kinds)} "
-            "(decay and no-decay expert parameters)"
+            f"{where}: the MoE optimizer groups cover layer_ids {layer_ids}"
+            f"{' and all layers' if None in by_layer else ''}, the expert files {layout.num_layers} MoE layers"
         )
-    return groups, state, dict(zip(moe_positions, kinds))
+    kinds = layout.kinds()
+    result = {}
+    for layer_id, indices in by_layer.items():
+        if len(indices) != len(kinds):
+            raise ReshardError(
+                f"{where}: {len(indices)} MoE optimizer groups"
+                f"{'' if layer_id is None else f' with layer_id {layer_id}'}, expected {len(kinds)} "
+                "(decay and no-decay expert parameters)"
+            )
+        layers = tuple(range(layout.num_layers)) if layer_id is None else (layer_ids.index(layer_id),)
+        for index, kind in zip(indices, kinds):
+            result[index] = MoeGroupLayout(layers, tuple(kind))
+    return result
 
 
 def reshard_optimizer(
@@ -118,24 +146,24 @@ def reshard_optimizer(
     """The optimizer state dict of every new expert-parallel rank, from those of every old one."""
     local_old, local_new = layout.num_experts // old_ep, layout.num_experts // new_ep
     experts: dict[tuple[int, int, int], dict] = {}
-    reference_groups = None
+    reference_groups = old[0]["param_groups"]
+    moe_groups = moe_group_layouts(reference_groups, layout, where)
     for rank, optimizer in enumerate(old):
-        groups, state, kind_of_group = _split_states(optimizer, layout, where)
-        reference_groups = reference_groups or groups
-        for group_index, group in enumerate(groups):
-            if group_index not in kind_of_group:
-                continue
-            kind = kind_of_group[group_index]
-            expected = layout.num_layers * local_old * len(kind)
+        groups, state = optimizer["param_groups"], optimizer["state"]
+        if moe_group_layouts(groups, layout, where) != moe_groups:
+            raise ReshardError(f"{where}: rank {rank}'s optimizer groups differ from rank 0's")
+        for group_index, held in moe_groups.items():
+            group, per_layer = groups[group_index], local_old * len(held.kind)
+            expected = len(held.layers) * per_layer
             if len(group["params"]) != expected:
                 raise ReshardError(
                     f"{where}: rank {rank}'s MoE group {group_index} has {len(group['params'])} parameters, "
-                    f"expected {expected} ({layout.num_layers} layers x {local_old} experts x {len(kind)})"
+                    f"expected {expected} ({len(held.layers)} layers x {local_old} experts x {len(held.kind)})"
                 )
             for position, index in enumerate(group["params"]):
-                layer, rest = divmod(position, local_old * len(kind))
-                local, k = divmod(rest, len(kind))
-                param = kind[k]
+                layer_position, rest = divmod(position, per_layer)
+                local, k = divmod(rest, len(held.kind))
+                layer, param = held.layers[layer_position], held.kind[k]
                 if index in state:
                     name, shape = layout.params[param]
                     saved_shape = state[index]["exp_avg"].shape if "exp_avg" in state[index] else shape
@@ -146,15 +174,14 @@ def reshard_optimizer(
                         )
                     experts[layer, rank * local_old + local, param] = state[index]
 
-    dense_groups = [i for i in range(len(reference_groups)) if not reference_groups[i].get("moe")]
-    kind_of_group = _split_states(old[0], layout, where)[2]
     new_states = []
     for new_rank in range(new_ep):
         groups, state, next_index = [], {}, 0
         for group_index, group in enumerate(reference_groups):
             new_group = {key: copy.deepcopy(value) for key, value in group.items() if key != "params"}
             params = []
-            if group_index in dense_groups:
+            held = moe_groups.get(group_index)
+            if held is None:
                 for index in group["params"]:
                     if index in old[0]["state"]:
                         state[next_index] = old[0]["state"][index]
@@ -162,10 +189,9 @@ def reshard_optimizer(
                     next_index += 1
             else:
                 new_group["name"] = expert_group_name(new_ep)
-                kind = kind_of_group[group_index]
-                for layer in range(layout.num_layers):
+                for layer in held.layers:
                     for local in range(local_new):
-                        for param in kind:
+                        for param in held.kind:
                             key = (layer, new_rank * local_new + local, param)
                             if key in experts:
                                 state[next_index] = experts[key]

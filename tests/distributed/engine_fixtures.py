@@ -20,10 +20,14 @@ BALANCE_WEIGHT = 0.01
 GROUP_TIMEOUT = timedelta(seconds=60)  # a mismatched collective fails instead of hanging
 
 
-def make_config(ep_size: int, zero_stage: int, steps: int, grad_clip: float = 0.05) -> Config:
+def make_config(
+    ep_size: int, zero_stage: int, steps: int, grad_clip: float = 0.05, layer_decay: float = 1.0
+) -> Config:
     """Small grad_clip on purpose: clipping is active in every step, so the global norm matters."""
     tasks = {name: TaskConfig(type="classification", num_classes=n) for name, n in TASK_CLASSES.items()}
-    optim = OptimConfig(lr=2e-3, min_lr=1e-4, weight_decay=0.05, warmup_steps=2, grad_clip=grad_clip)
+    optim = OptimConfig(
+        lr=2e-3, min_lr=1e-4, weight_decay=0.05, warmup_steps=2, grad_clip=grad_clip, layer_decay=layer_decay
+    )
     return Config(
         tasks=tasks,
         train=TrainConfig(steps=steps, optim=optim),

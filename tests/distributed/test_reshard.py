@@ -55,7 +55,14 @@ def expert_optimizer_state(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def leg_worker(run_dir: str, ep_size: int, resume: str | None, steps: list[int], save_at: int | None) -> dict:
+def leg_worker(
+    run_dir: str,
+    ep_size: int,
+    resume: str | None,
+    steps: list[int],
+    save_at: int | None,
+    layer_decay: float = 1.0,
+) -> dict:
     """One rank: build an engine at `ep_size` (= world size), optionally resume, train `steps`, save."""
     import torch.distributed as dist
 
@@ -64,7 +71,7 @@ def leg_worker(run_dir: str, ep_size: int, resume: str | None, steps: list[int],
     from moevit.parallel.expert_parallel import gather_single_device_state_dict
     from moevit.parallel.setup import initialize_distributed
 
-    cfg = make_config(ep_size, 0, steps=SAVE_AT + 2 * LEG)
+    cfg = make_config(ep_size, 0, steps=SAVE_AT + 2 * LEG, layer_decay=layer_decay)
     env = initialize_distributed(cfg, timeout=GROUP_TIMEOUT)
     engine = build_engine(make_model(seed=0), cfg, env)
     out = {}
@@ -74,6 +81,10 @@ def leg_worker(run_dir: str, ep_size: int, resume: str | None, steps: list[int],
         out["global_steps"] = engine.global_steps
         out["loaded_optimizer"] = expert_optimizer_state(engine)
         out["loaded"] = gather_single_device_state_dict(engine.module)
+        out["loaded_groups"] = [
+            (group.get("layer_id"), group["lr_scale"], group["lr"], bool(group.get("moe")))
+            for group in engine.optimizer.param_groups
+        ]
     out["after"] = {}  # weights after each step (1-based), experts gathered
     for step in steps:
         _train(engine, [step], env.rank, env.world_size)
@@ -169,3 +180,46 @@ def test_ep2_to_ep1_and_back_matches_training_without_resharding(run_workers, tm
     last = SAVE_AT + 2 * LEG
     for rank, out in enumerate(back):
         assert_close(out["after"][last], straight[rank]["after"][last], f"rank {rank}: after EP=2 -> 1 -> 2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_layer_decay_checkpoint_reshards_ep2_to_ep1(run_workers, tmp_path):
+    """With layer decay every MoE layer's experts have optimizer groups of their own (one lr scale per
+    block): resharding must still hand each expert its Adam state, and the resumed run its groups."""
+    decay = 0.5
+    straight = run_workers(
+        leg_worker,
+        2,
+        200,
+        run_dir=str(tmp_path / "ep2"),
+        ep_size=2,
+        resume=None,
+        steps=list(range(SAVE_AT + 1)),
+        save_at=SAVE_AT,
+        layer_decay=decay,
+    )
+    reshard(tmp_path / "ep2", 1, tmp_path / "ep1")
+    (single,) = run_workers(
+        leg_worker,
+        1,
+        200,
+        run_dir=str(tmp_path / "ep1"),
+        ep_size=1,
+        resume=str(tmp_path / "ep1"),
+        steps=[SAVE_AT],
+        save_at=None,
+        layer_decay=decay,
+    )
+    assert_close(single["loaded"], straight[0]["after"][SAVE_AT], "weights loaded at EP=1", tolerance=0.0)
+    assert_close(single["loaded_optimizer"], merged(straight, "saved_optimizer"), "Adam state at EP=1", 0.0)
+    moe_groups = [(layer, scale) for layer, scale, _, moe in single["loaded_groups"] if moe]
+    # moevit_debug: 4 blocks, experts in blocks 1 and 3 (layers 2 and 4), weights then biases.
+    assert moe_groups == [(4, decay), (4, decay), (2, decay**3), (2, decay**3)]
+    assert all(
+        lr == pytest.approx(scale * single["loaded_groups"][0][2])
+        for _, scale, lr, _ in single["loaded_groups"]
+    )
+    assert_close(
+        single["after"][SAVE_AT + 1], straight[0]["after"][SAVE_AT + 1], "EP=1 step after resharding"
+    )
