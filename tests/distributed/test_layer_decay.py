@@ -1,6 +1,7 @@
 """Layer-wise lr decay through the real DeepSpeed engine (issue 16), on 1 process: after one step each
 parameter moved exactly as torch's AdamW moves it at lr x factor x layer_decay ** (n + 1 - layer), with
-weight decay only where the groups say so. moevit_debug has n = 4 blocks (MoE MLPs on blocks 1 and 3).
+weight decay only where the groups say so; ZeRO 1 and 2 take the same step. moevit_debug has n = 4
+blocks (MoE MLPs on blocks 1 and 3).
 
 AdamW's first step is p <- p (1 - lr wd) - lr g / (|g| + eps) (both moments' bias corrections cancel),
 so the update of every element shows the lr its group trained at, without a reference optimizer.
@@ -26,33 +27,40 @@ WATCHED = {
 }
 
 
-def one_step_worker() -> dict:
+def one_step_worker(stages: tuple[int, ...]) -> dict:
+    """{ZeRO stage: the watched parameters' lr, weights before and after one step (and gradients, at
+    stage 0, where DeepSpeed leaves them on the parameters), the lr the log would report}."""
     import torch.distributed as dist
 
     from moevit.parallel.engine import build_engine
     from moevit.parallel.setup import initialize_distributed
 
-    cfg = make_config(1, 0, steps=10, grad_clip=0.0, layer_decay=DECAY)
-    env = initialize_distributed(cfg, timeout=GROUP_TIMEOUT)
-    engine = build_engine(make_model(seed=0), cfg, env)
-    params = dict(engine.module.named_parameters())
-    group_lr = {id(p): group["lr"] for group in engine.optimizer.param_groups for p in group["params"]}
-    out = {"lr": {name: group_lr[id(params[name])] for name in WATCHED}}
-    out["before"] = {name: params[name].detach().clone() for name in WATCHED}
-    engine.backward(step_loss(engine, 0, 0, 1))
-    out["grad"] = {name: params[name].grad.detach().clone() for name in WATCHED}
-    engine.step()
-    out["after"] = {name: params[name].detach().clone() for name in WATCHED}
-    out["logged_lr"] = engine.get_lr()[0]
+    env = initialize_distributed(make_config(1, 0, steps=10), timeout=GROUP_TIMEOUT)
+    results = {}
+    for stage in stages:
+        cfg = make_config(1, stage, steps=10, grad_clip=0.0, layer_decay=DECAY)
+        engine = build_engine(make_model(seed=0), cfg, env)
+        params = dict(engine.module.named_parameters())
+        group_lr = {id(p): group["lr"] for group in engine.optimizer.param_groups for p in group["params"]}
+        out = {"lr": {name: group_lr.get(id(params[name])) for name in WATCHED}}
+        out["before"] = {name: params[name].detach().clone() for name in WATCHED}
+        engine.backward(step_loss(engine, 0, 0, 1))
+        if stage == 0:
+            out["grad"] = {name: params[name].grad.detach().clone() for name in WATCHED}
+        engine.step()
+        out["after"] = {name: params[name].detach().clone() for name in WATCHED}
+        out["logged_lr"] = engine.get_lr()[0]
+        results[stage] = out
     dist.destroy_process_group()
-    return out
+    return results
 
 
 @pytest.mark.timeout(180)
-def test_each_parameter_steps_at_its_layers_lr(run_workers):
+def test_each_parameter_steps_at_its_layers_lr_for_every_zero_stage(run_workers):
     from moevit.parallel.engine import warmup_cosine_factor
 
-    (out,) = run_workers(one_step_worker, world_size=1, timeout_s=150)
+    (results,) = run_workers(one_step_worker, world_size=1, timeout_s=150, stages=(0, 1, 2))
+    out = results[0]
     optim = make_config(1, 0, steps=10, layer_decay=DECAY).train.optim
     base = optim.lr * warmup_cosine_factor(0, optim.warmup_steps, 10, optim.min_lr / optim.lr)
     for name, (layer, decays) in WATCHED.items():
@@ -70,3 +78,9 @@ def test_each_parameter_steps_at_its_layers_lr(run_workers):
     assert out["logged_lr"] == pytest.approx(
         optim.lr * warmup_cosine_factor(1, optim.warmup_steps, 10, optim.min_lr / optim.lr)
     )
+    # ZeRO 1 and 2 keep flat fp32 partitions per group: the same groups, lrs and step.
+    for stage in (1, 2):
+        for name in WATCHED:
+            difference = (results[stage]["after"][name] - out["after"][name]).abs().max().item()
+            assert difference <= 1e-7, f"ZeRO {stage}: {name} differs from ZeRO 0 by {difference:.3g}"
+        assert results[stage]["logged_lr"] == out["logged_lr"]
