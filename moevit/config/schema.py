@@ -50,6 +50,8 @@ class MoEConfig:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.attention_experts is not None and self.attention_experts < 0:
             raise ValueError(f"attention_experts must be >= 0, got {self.attention_experts}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < float("inf"):
+            raise ValueError(f"capacity_factor must be > 0 (or null: dropless), got {self.capacity_factor}")
 
 
 @dataclass
