@@ -69,7 +69,10 @@ class MoEMlp(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD, task)
         kept_slots = None
-        if self.capacity_factor is not None:
+        # Not under torch.jit.trace (fvcore's flop counter, moevit.models.flops): FLOPs count the dropless
+        # rows, the most a bounded layer computes.
+        bounded = self.capacity_factor is not None and not torch.jit.is_tracing()
+        if bounded:
             capacity = expert_capacity(
                 routing.expert_idx_TK.numel(), routing.num_routable, self.capacity_factor
             )
@@ -80,7 +83,7 @@ class MoEMlp(nn.Module):
         plan = plan_dispatch(routing.expert_idx_TK, self.num_experts, kept_slots)
         y_SD = self.experts(dispatch(x_TD, plan), plan.counts_E)
         y_TD = combine(y_SD, routing.weights_TK, plan)
-        if self.capacity_factor is not None:
+        if bounded:
             routing = replace(routing, dropped_slots=plan.num_dropped)
         return y_TD.view(x.shape), routing
 

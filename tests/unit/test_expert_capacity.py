@@ -208,3 +208,22 @@ def test_config_reaches_every_moe_layer_and_is_validated():
             )
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         MoEMlp(DIM, HIDDEN, 4, 2, ["a"], capacity_factor=0.0)
+
+
+def test_a_restricted_task_drops_as_before_the_experts_added_after_it():
+    """Continual learning keeps old tasks exact with a bound too: their capacity counts the n experts
+    they reach, so adding experts for new tasks changes neither their routing nor their drops."""
+    torch.manual_seed(4)
+    before = MoEMlp(DIM, HIDDEN, 3, 2, ["old"], capacity_factor=0.7)
+    torch.nn.init.normal_(before.router.gates["old"].weight)
+    after = MoEMlp(DIM, HIDDEN, 5, 2, ["old", "new"], task_experts={"old": 3}, capacity_factor=0.7)
+    with torch.no_grad():
+        after.router.gates["old"].weight.copy_(before.router.gates["old"].weight)
+        for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+            getattr(after.experts, name)[:3].copy_(getattr(before.experts, name))
+    x = torch.randn(11, DIM)
+    y_before, routing_before = before(x, "old")
+    y_after, routing_after = after(x, "old")
+    assert routing_before.dropped_slots > 0
+    assert routing_after.dropped_slots == routing_before.dropped_slots
+    assert torch.equal(y_after, y_before)
