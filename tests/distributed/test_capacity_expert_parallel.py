@@ -112,3 +112,35 @@ def test_capacity_bounds_the_rows_each_rank_receives_and_matches_single_process(
         assert result["dropped_slots"] == result["reference_dropped"] > 0
         for quantity in ("y", "x_grad", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
             assert result[quantity] <= TOLERANCE, f"rank {rank}: {quantity} differs by {result[quantity]:.3g}"
+
+
+def train_worker(config: dict) -> None:
+    from moevit.config import build_config
+    from moevit.config.schema import Config
+    from moevit.train.loop import run_training
+
+    run_training(build_config(Config, config))
+
+
+@pytest.mark.slow
+def test_a_bounded_run_from_the_config_logs_its_dropped_slots(tmp_path, synth_root, tiny_config, run_workers):
+    import json
+
+    config = tiny_config(
+        synth_root,
+        tmp_path / "run",
+        datasets={"shapes": "imagenet"},
+        model={"moe": {"capacity_factor": 0.5}},
+        train={"steps": 2, "eval_every": 2, "eval_batches": 1},
+        parallel={"ep_size": 2},
+    )
+    run_workers(train_worker, 2, 150, config=config)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_records = [line for line in lines if line["split"] == "train" and line["task"] is None]
+    assert [record["step"] for record in step_records] == [1, 2]
+    for record in step_records:
+        fractions = {key: value for key, value in record.items() if key.startswith("dropped_fraction/")}
+        assert fractions and record["dropped_slots"] > 0
+        # Factor 0.5: a layer keeps at most E x ceil(0.5 S / E) < S / 2 + E of its S slots per rank and
+        # task forward (E = 4 here, S in the hundreds), whatever the routing: at least ~48% drop.
+        assert all(0.4 <= value < 1 for value in fractions.values()), fractions
