@@ -76,9 +76,12 @@ class MoEMlp(nn.Module):
             capacity = expert_capacity(
                 routing.expert_idx_TK.numel(), routing.num_routable, self.capacity_factor
             )
-            kept_slots = slots_within_capacity(
-                routing.expert_idx_TK, routing.weights_TK, self.num_experts, capacity
-            )
+            # The common case, no expert over capacity, skips the priority sorts (the dropless plan it
+            # would give anyway); the read syncs with the device, as the experts' row counts do.
+            if int(routing.counts_E.max()) > capacity:
+                kept_slots = slots_within_capacity(
+                    routing.expert_idx_TK, routing.weights_TK, self.num_experts, capacity
+                )
         # Only kept rows reach the experts, so under expert parallelism only they are exchanged.
         plan = plan_dispatch(routing.expert_idx_TK, self.num_experts, kept_slots)
         y_SD = self.experts(dispatch(x_TD, plan), plan.counts_E)

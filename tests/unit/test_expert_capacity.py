@@ -227,3 +227,14 @@ def test_a_restricted_task_drops_as_before_the_experts_added_after_it():
     assert routing_before.dropped_slots > 0
     assert routing_after.dropped_slots == routing_before.dropped_slots
     assert torch.equal(y_after, y_before)
+
+
+def test_bounded_layer_under_bf16_autocast():
+    moe = _randomised_moe(0.5)
+    x = torch.randn(2, 9, DIM, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, routing = moe(x, "a")
+    assert y.dtype == torch.bfloat16 and routing.dropped_slots > 0
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert moe.experts.fc1_weight.grad.dtype == torch.float32
