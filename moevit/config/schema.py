@@ -37,8 +37,9 @@ class MoEConfig:
     # training-only jitter of the router input (moevit.layers.router). None: the model's defaults.
     gate_init_std: float | None = None
     router_jitter: float | None = None
-    # Expert capacity bound (issue 16): None is dropless; else each expert takes at most
-    # capacity_factor x its even share of a step's routed slots, and the overflow passes the residual.
+    # Expert capacity bound (issue 16): None is dropless; else each expert takes at most capacity_factor x
+    # its even share of one forward's routed slots on its device, and the overflow passes the residual
+    # (moevit.layers.capacity).
     capacity_factor: float | None = None
 
     def validate(self) -> None:

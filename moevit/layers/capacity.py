@@ -33,14 +33,14 @@ import math
 import torch
 
 
-def check_capacity_factor(capacity_factor: float | None, where: str = "capacity_factor") -> None:
-    """None (dropless) or a finite number > 0; else a one-line error naming `where`."""
+def check_capacity_factor(capacity_factor: float | None) -> None:
+    """None (dropless) or a finite number > 0; else a one-line error."""
     if capacity_factor is None:
         return
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise ValueError(f"{where} must be a number > 0 or null (dropless), got {capacity_factor!r}")
+        raise ValueError(f"capacity_factor must be a number > 0 or None (dropless), got {capacity_factor!r}")
     if not (math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"{where} must be > 0 (or null: dropless), got {capacity_factor}")
+        raise ValueError(f"capacity_factor must be > 0 (or None: dropless), got {capacity_factor}")
 
 
 def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
