@@ -8,10 +8,6 @@ metrics.jsonl holds one JSON object per line, each with ``step`` (optimizer step
      "images_per_second": 210.4, "nonfinite_steps_skipped": 0}
     {"step": 10, "split": "eval", "task": "imagenet", "top1": 0.31, "top5": 0.82}
 
-With an expert capacity bound (``model.moe.capacity_factor``) the step's record also holds
-``dropped_slots`` (slots over capacity per step, all layers, tasks and ranks) and, per MoE layer,
-``dropped_fraction/<layer>`` (its dropped slots over its routed slots), e.g. ``dropped_fraction/blocks.3.mlp``.
-
 Train values are means over ranks and over the steps since the previous line (steps skipped for a NaN
 or inf loss are left out of the means; ``nonfinite_steps_skipped`` counts them since the run began); eval metrics are fractions
 in [0, 1]. TensorBoard gets the same values under ``train/<task>/<key>``, ``train/<key>`` and
@@ -98,10 +94,6 @@ class RunLogger:
             self._add(None, "total_loss", result.total)
             if result.mutual_information is not None:
                 self._add(None, "mutual_information", result.mutual_information)
-            if result.dropped_slots:
-                self._add(None, "dropped_slots", sum(d for d, _ in result.dropped_slots.values()))
-            for layer, (dropped, routed) in result.dropped_slots.items():
-                self._add(None, f"dropped_fraction/{layer}", dropped / max(routed, 1))
         self._images += result.images
         self._seconds += seconds
         self._bar.set_postfix_str(

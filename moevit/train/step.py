@@ -42,6 +42,7 @@ from moevit.faults import injected_loss
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.layers.router import Routing
 from moevit.parallel.collectives import all_reduce_sum, rank
+from moevit.train.dropped_slots import dropped_slots_over_ranks
 from moevit.train.errors import NonFiniteLossError
 from moevit.train.task_expert_estimate import RunningTaskRows
 
@@ -59,27 +60,6 @@ class StepResult:
     expert_counts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> task -> (E,)
     skipped: bool = False  # some rank's objective was NaN or inf: no rank updated the weights
     skipped_steps: int = 0  # steps skipped so far in this run (resumed runs included)
-    # layer -> (slots dropped by the expert capacity bound, slots routed), over the step's tasks and all
-    # ranks; only layers with a bound (moevit.layers.capacity), empty when the model is dropless.
-    dropped_slots: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def dropped_slots_over_ranks(
-    routing_by_task: Mapping[str, Mapping[str, Routing]], device: torch.device
-) -> dict[str, tuple[int, int]]:
-    """Per capacity-bounded layer, (dropped, routed) slots summed over tasks and ranks. A collective
-    when some layer has a bound; every rank builds the same model, so all of them call it or none."""
-    totals: dict[str, list[int]] = {}
-    for routing in routing_by_task.values():
-        for layer, record in routing.items():
-            if record.dropped_slots is not None:
-                total = totals.setdefault(layer, [0, 0])
-                total[0] += record.dropped_slots
-                total[1] += record.expert_idx_TK.numel()
-    if not totals:
-        return {}
-    summed = all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64, device=device))
-    return {layer: (round(d), round(n)) for layer, (d, n) in zip(totals, summed.tolist())}
 
 
 def globally_summed(local: torch.Tensor) -> torch.Tensor:
@@ -152,6 +132,8 @@ class MultiTaskStep:
         if injected is not None:
             total = total + injected
         result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
+        for task, drops in dropped_slots_over_ranks(routing_by_task, self.device).items():
+            result.task_losses[task].update(drops)  # logged with the task's losses (capacity bound only)
         if result.skipped:
             self.record_skipped(step)
         else:
@@ -161,7 +143,6 @@ class MultiTaskStep:
             if step_matrices is not None:  # a skipped step's statistics may hold the NaN: not kept
                 self.task_expert_mass.update(step_matrices, plan.tasks)
         result.skipped_steps = self.skipped_steps
-        result.dropped_slots = dropped_slots_over_ranks(routing_by_task, self.device)
         for task in plan.tasks:
             result.task_losses[task]["weight"] = weights[task]
         result.expert_counts = {

@@ -136,7 +136,7 @@ def test_a_bounded_run_from_the_config_logs_its_dropped_slots(tmp_path, synth_ro
     )
     run_workers(train_worker, 2, 150, config=config)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    step_records = [line for line in lines if line["split"] == "train" and line["task"] is None]
+    step_records = [line for line in lines if line["split"] == "train" and line["task"] == "shapes"]
     assert [record["step"] for record in step_records] == [1, 2]
     for record in step_records:
         fractions = {key: value for key, value in record.items() if key.startswith("dropped_fraction/")}
