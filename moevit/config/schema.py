@@ -37,8 +37,9 @@ class MoEConfig:
     # training-only jitter of the router input (moevit.layers.router). None: the model's defaults.
     gate_init_std: float | None = None
     router_jitter: float | None = None
-    # Expert capacity bound (issue 16): None is dropless; else each expert takes at most
-    # capacity_factor x its even share of a step's routed slots, and the overflow passes the residual.
+    # Expert capacity bound (issue 16): None is dropless; else each expert takes at most capacity_factor x
+    # its even share of one forward's routed slots on its device, and the overflow passes the residual
+    # (moevit.layers.capacity).
     capacity_factor: float | None = None
 
     def validate(self) -> None:
@@ -50,6 +51,8 @@ class MoEConfig:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.attention_experts is not None and self.attention_experts < 0:
             raise ValueError(f"attention_experts must be >= 0, got {self.attention_experts}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < float("inf"):
+            raise ValueError(f"capacity_factor must be > 0 (or null: dropless), got {self.capacity_factor}")
 
 
 @dataclass

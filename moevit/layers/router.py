@@ -46,6 +46,9 @@ class Routing:
     counts_E: torch.Tensor  # int64, tokens routed to each expert (each of the K slots counts once)
     z_loss: torch.Tensor  # fp32 scalar, mean squared log-partition of the gate logits
     routable_experts: int | None = None  # experts the task may use (the first n); None: all E
+    # Slots left out by the layer's expert capacity bound (moevit.layers.capacity); None: dropless layer.
+    # The fields above are the router's decision before any drop.
+    dropped_slots: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -70,6 +70,8 @@ class MoEViT(nn.Module):
             window_size x window_size windows of the patch grid (zero-padded to a multiple of it),
             their prefix tokens among themselves only (see block.py); 0 = global attention everywhere.
         global_blocks: indices of the blocks that attend over all tokens when `window_size` > 0.
+        capacity_factor: expert capacity bound of every MoE MLP layer (moevit.layers.capacity);
+            None: dropless.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class MoEViT(nn.Module):
         task_experts: Mapping[str, int | Mapping[int, int]] | None = None,
         window_size: int = 0,
         global_blocks: Sequence[int] = (),
+        capacity_factor: float | None = None,
     ):
         super().__init__()
         if not tasks:
@@ -159,6 +162,7 @@ class MoEViT(nn.Module):
                         spec.top_k,
                         self.tasks,
                         task_experts=spec.task_experts,
+                        capacity_factor=capacity_factor,
                     )
                 )
                 if attention_experts:

@@ -5,7 +5,10 @@ holding all E experts) for an `ExpertParallelExperts` holding this rank's E/P ex
 same call signature: forward(x_SD sorted by global expert, counts_E) -> y_SD in the same order.
 The model code stays single-device; the router, dispatch and combine run locally as before.
 
-Exchange (dropless, variable sizes; GShard/DeepSpeed-MoE style, but without capacity):
+Exchange (variable sizes; GShard/DeepSpeed-MoE style). It moves the rows the layer's plan holds: all of
+them when dropless, only the kept ones under an expert capacity bound (moevit.layers.capacity), which
+the layer applies to its local routing before calling this module, so a rank receives at most
+(its experts) x (each source rank's capacity) rows and this module needs no capacity logic of its own:
 1. per-expert row counts go to the rank owning each expert (`all_to_all_single`, L per rank);
 2. rows go the same way (`all_to_all_single` with split sizes = rows per destination rank)
    inside an autograd Function whose backward is the reverse exchange;

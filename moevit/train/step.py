@@ -42,6 +42,7 @@ from moevit.faults import injected_loss
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.layers.router import Routing
 from moevit.parallel.collectives import all_reduce_sum, rank
+from moevit.train.dropped_slots import dropped_slots_over_ranks
 from moevit.train.errors import NonFiniteLossError
 from moevit.train.task_expert_estimate import RunningTaskRows
 
@@ -131,6 +132,8 @@ class MultiTaskStep:
         if injected is not None:
             total = total + injected
         result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
+        for task, drops in dropped_slots_over_ranks(routing_by_task, self.device).items():
+            result.task_losses[task].update(drops)  # logged with the task's losses (capacity bound only)
         if result.skipped:
             self.record_skipped(step)
         else:
