@@ -45,7 +45,7 @@ from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 from moevit.train.head_cost import FP32_BYTES, head_cost
 
-COMPUTE_BYTES = {"bf16": 2, "fp32": 4}
+COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
