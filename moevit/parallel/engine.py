@@ -15,7 +15,8 @@ Precision (moevit.parallel.precision): fp32; bf16 through DeepSpeed's `torch_aut
 gradients, optimizer state and gradient reduction stay fp32; matmuls and convolutions run in bf16; the
 routers force fp32 themselves; batches need no casting); or, on CUDA, fp16 through DeepSpeed's `fp16`
 section with dynamic loss scaling (fp16 weights, fp32 master weights in DeepSpeed's optimizer wrapper,
-which then also clips).
+which then also clips: at ZeRO 0 by the norm of the dense gradients only, DeepSpeed's
+FP16_UnfusedOptimizer leaving expert gradients out of it; ZeRO 1 and 2 clip by the global norm).
 
 Gradient clipping. ZeRO 1 and 2 compute the exact global norm over partitions. Without ZeRO,
 DeepSpeed's `clip_grad_norm_` (runtime/utils.py) averages each rank's local norm, which is
