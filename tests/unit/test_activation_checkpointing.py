@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from moevit.config.schema import AuxLossConfig
@@ -128,3 +129,32 @@ def test_the_switch_reaches_every_backbone():
     assert not model.backbone.activation_checkpointing  # off unless the config asks
     assert set_activation_checkpointing(model, True) == 1
     assert model.backbone.activation_checkpointing
+
+
+def test_the_memory_estimate_of_checkpointed_blocks_matches_what_autograd_keeps():
+    """fp32 on CPU: with checkpointing, what stays between forward and backward is each block's input plus
+    the ends (patch-embedding input, final norm input); the estimate's rerun term is one block's."""
+    from moevit.train.activation_memory import backbone_bytes
+
+    model = make_model()
+    set_activation_checkpointing(model, True)
+    backbone = model.backbone.train()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = backbone.forward_backbone(images, "shapes", ())
+    out.tokens.sum().backward()
+    estimate = backbone_bytes(backbone, (64, 64), "fp32", checkpointing=True)
+    kept = 2 * (estimate["block inputs"] + estimate["ends"])
+    assert kept == pytest.approx(sum(saved.values()), rel=0.15)
+    plain = backbone_bytes(backbone, (64, 64), "fp32")
+    assert estimate["block rerun"] < (plain["attention"] + plain["mlp"]) / 2  # one block of four
+    assert sum(estimate.values()) < sum(plain.values())
