@@ -60,7 +60,7 @@ def resolve_precision(cfg: Config, cuda: bool | None = None) -> torch.dtype:
     """parallel.precision with "auto" resolved: bf16 on GPU, fp32 on CPU (see moevit.parallel.precision).
 
     fp16 is refused without CUDA: DeepSpeed's CPU accelerator supports fp16 only on CPUs with fp16
-    oneDNN kernels, and fp16 buys nothing on a CPU that bf16 does not give without loss scaling.
+    oneDNN kernels, and on a CPU bf16 gives the same savings without loss scaling.
 
     Args:
         cfg: the run's config.
