@@ -145,13 +145,28 @@ def collate_for_task(
     return COLLATE_FUNCTIONS[task_type]
 
 
+def pins_memory(device: torch.device | str) -> bool:
+    """Whether loaders feeding `device` should collate into page-locked host memory: only for CUDA, where
+    a copy from pinned memory can run asynchronously (and at full bus speed); pinning needs CUDA."""
+    return torch.device(device).type == "cuda"
+
+
+def copies_asynchronously(device: torch.device | str) -> bool:
+    """Whether `move_batch` copies with non_blocking=True: to CUDA only. A host-to-device copy from pinned
+    memory then overlaps the work already queued, and later kernels on the stream still wait for it; a
+    copy to the CPU must stay blocking, since the CPU would read the tensor before it had arrived."""
+    return torch.device(device).type == "cuda"
+
+
 def move_batch(batch: Mapping, device: torch.device) -> dict:
     """The tensors of a collated batch on `device`, nested ones (detection targets) included; other
-    values unchanged. No casting: under bf16 the engine runs the forward in autocast."""
+    values unchanged. No casting: under bf16 the engine runs the forward in autocast. Copies to CUDA are
+    non-blocking (`copies_asynchronously`)."""
+    non_blocking = copies_asynchronously(device)
 
     def move(value):
         if isinstance(value, torch.Tensor):
-            return value.to(device)
+            return value.to(device, non_blocking=non_blocking)
         if isinstance(value, Mapping):
             return {key: move(item) for key, item in value.items()}
         if isinstance(value, list):

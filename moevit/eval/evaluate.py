@@ -10,6 +10,7 @@ order, so expert-parallel all-to-alls stay matched; every rank returns the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moevit.config.schema import Config
 from moevit.data.build import build_dataset
-from moevit.data.collate import collate_for_task, move_batch
+from moevit.data.collate import collate_for_task, move_batch, pins_memory
 from moevit.data.workers import ignore_stop_signals
 from moevit.eval.classification import ClassificationMetric
 from moevit.eval.coco import CocoMetric
@@ -90,6 +91,30 @@ def _segmentation_predictor(model: nn.Module, task: str, task_cfg) -> Callable[[
     return predict
 
 
+def compute_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The forward's autocast for a compute dtype (bf16, fp16), as training runs it; none for fp32 / None.
+
+    Under autocast, matmuls and convolutions run in `dtype` while the ops torch keeps in fp32 (softmax,
+    norms, losses) and the routers (which disable autocast themselves) stay fp32, so evaluation measures
+    the model that training optimised. Images are not cast: autocast casts each op's inputs.
+    """
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def as_float32(predictions: Any) -> Any:
+    """Predictions with their floating tensors in fp32 (nested lists and dicts included), so metric math
+    (top-k, box matching, argmax over upsampled logits) never runs in bf16/fp16."""
+    if isinstance(predictions, torch.Tensor):
+        return predictions.float() if predictions.is_floating_point() else predictions
+    if isinstance(predictions, dict):
+        return {key: as_float32(value) for key, value in predictions.items()}
+    if isinstance(predictions, (list, tuple)):
+        return type(predictions)(as_float32(value) for value in predictions)
+    return predictions
+
+
 def _run_task(
     model: nn.Module,
     cfg: Config,
@@ -117,13 +142,14 @@ def _run_task(
         # Its own generator: otherwise the loader draws worker seeds from the global torch RNG,
         # and training randomness would depend on how often the run evaluates.
         generator=torch.Generator().manual_seed(0),
+        pin_memory=pins_memory(device),  # page-locked batches copy to a GPU asynchronously (move_batch)
     )
     with torch.no_grad():
         for batch in loader:
             batch = move_batch(batch, device)
-            if dtype is not None:
-                batch["images"] = batch["images"].to(dtype)
-            metric.update(predict(batch), batch)
+            with compute_autocast(device, dtype):
+                predictions = predict(batch)
+            metric.update(as_float32(predictions), batch)
     metric.sync()
     logger.info("evaluated %s on %d distinct samples of %d", task, metric.num_samples, len(dataset))
     return metric.compute()
@@ -152,7 +178,9 @@ def evaluate(
         rank: this process's data-parallel rank.
         world_size: number of ranks sharing the evaluation.
         device: where the batches go (the model's device).
-        dtype: images are cast to it (the model's compute dtype, e.g. bf16); None keeps float32.
+        dtype: the compute dtype of training (moevit.parallel.layout.resolve_precision): bf16 or fp16
+            runs each forward under torch.autocast of that dtype, with metrics computed in fp32;
+            None or float32 runs plain fp32.
     """
     names = list(cfg.tasks) if tasks is None else list(tasks)
     unknown = [name for name in names if name not in cfg.tasks]

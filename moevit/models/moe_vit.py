@@ -19,6 +19,7 @@ import torch
 from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moevit.layers.moe_attention import MoEAttention
 from moevit.layers.moe_mlp import MoEMlp
@@ -176,6 +177,9 @@ class MoEViT(nn.Module):
                     )
             self.blocks.append(block)
         self.norm = LayerNorm(embed_dim)  # timm's, eps=1e-6 like its ViT
+        # Recompute each block's activations in the backward instead of keeping them (training only);
+        # set by the trainer from train.activation_checkpointing, see `_run_block`.
+        self.activation_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -211,7 +215,7 @@ class MoEViT(nn.Module):
 
         out = BackboneOutput(tokens=x)
         for i, block in enumerate(self.blocks):
-            x, block_routing = block(x, task, (grid_h, grid_w))
+            x, block_routing = self._run_block(block, x, task, (grid_h, grid_w))
             for name, routing in block_routing.items():
                 out.routing[f"blocks.{i}.{name}"] = routing
             if i in wanted:
@@ -219,6 +223,24 @@ class MoEViT(nn.Module):
                 out.intermediates.append(spatial.permute(0, 3, 1, 2).contiguous())
         out.tokens = self.norm(x)
         return out
+
+    def _run_block(
+        self, block: TaskBlock, x: torch.Tensor, task: str, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, Routing]]:
+        """One block; with activation checkpointing (training with gradients on), through
+        torch.utils.checkpoint: only the block's input is kept, and the backward reruns the block.
+
+        The routing records come out of the checkpoint like any output and keep their gradients. The
+        rerun is the same computation: the CPU and CUDA RNG states (drop path, router noise drawn from
+        torch's generators) and the autocast state are replayed, and the blocks keep no running state
+        a second forward would count twice (expert usage is counted by the training loop from the
+        records). Early stop is off, so the rerun always runs the whole block: under expert
+        parallelism it runs the block's all-to-alls again, and every rank must run all of them.
+        """
+        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return block(x, task, grid)
+        with set_checkpoint_early_stop(False):
+            return checkpoint(block, x, task, grid, use_reentrant=False)
 
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """Normalised tokens (B, prefix + N, D), like timm's `forward_features`."""
@@ -292,6 +314,15 @@ class MoEViT(nn.Module):
             for name, _ in router.named_parameters()
         }
         return names
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn per-block activation checkpointing on or off in every MoEViT inside `model` (a backbone or
+    a MultiTaskModel); returns how many backbones it set."""
+    backbones = [module for module in model.modules() if isinstance(module, MoEViT)]
+    for backbone in backbones:
+        backbone.activation_checkpointing = enabled
+    return len(backbones)
 
 
 def _check_windows(window_size: int, global_blocks: Sequence[int], depth: int) -> tuple[int, tuple[int, ...]]:

@@ -12,9 +12,12 @@ calls `deepspeed.initialize`. Use per optimizer step (gradient_accumulation_step
     engine.backward(total_loss)   # one backward over the sum of task and auxiliary losses
     engine.step()                 # reduce, clip, AdamW, LR schedule
 
-Precision: fp32, or bf16 through DeepSpeed's `torch_autocast` (parameters, gradients,
-optimizer state and gradient reduction stay fp32; matmuls and convolutions run in bf16; the
-routers force fp32 themselves). Batches need no casting.
+Precision (moevit.parallel.precision): fp32; bf16 through DeepSpeed's `torch_autocast` (parameters,
+gradients, optimizer state and gradient reduction stay fp32; matmuls and convolutions run in bf16; the
+routers force fp32 themselves; batches need no casting); or, on CUDA, fp16 through DeepSpeed's `fp16`
+section with dynamic loss scaling (fp16 weights, fp32 master weights in DeepSpeed's optimizer wrapper,
+which then also clips: at ZeRO 0 by the norm of the dense gradients only, DeepSpeed's
+FP16_UnfusedOptimizer leaving expert gradients out of it; ZeRO 1 and 2 clip by the global norm).
 
 Gradient clipping. ZeRO 1 and 2 compute the exact global norm over partitions. Without ZeRO,
 DeepSpeed's `clip_grad_norm_` (runtime/utils.py) averages each rank's local norm, which is
@@ -54,6 +57,7 @@ from moevit.models.param_names import decay_layer
 from moevit.parallel.env import DistributedEnv
 from moevit.parallel.expert_parallel import apply_expert_parallel
 from moevit.parallel.layout import resolve_precision
+from moevit.parallel.precision import deepspeed_precision_sections
 from moevit.parallel.setup import device_for, expert_group_name
 
 if TYPE_CHECKING:
@@ -145,15 +149,13 @@ def lr_schedule(optim: OptimConfig, total_steps: int):
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    bf16 = resolve_precision(cfg) == torch.bfloat16
     return {
         # The loop feeds its own batches; DeepSpeed only needs a consistent micro-batch count.
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.train.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # An empty module list keeps every gradient reduction in fp32.
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        **deepspeed_precision_sections(resolve_precision(cfg)),
         "steps_per_print": None,
         "checkpoint": {"tag_validation": "FAIL"},
     }

@@ -53,9 +53,25 @@ def resolve_backend(cfg: Config) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def resolve_precision(cfg: Config) -> torch.dtype:
-    """parallel.precision with "auto" resolved: bf16 on GPU, fp32 on CPU."""
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: Config, cuda: bool | None = None) -> torch.dtype:
+    """parallel.precision with "auto" resolved: bf16 on GPU, fp32 on CPU (see moevit.parallel.precision).
+
+    fp16 is refused without CUDA: DeepSpeed's CPU accelerator supports fp16 only on CPUs with fp16
+    oneDNN kernels, and on a CPU bf16 gives the same savings without loss scaling.
+
+    Args:
+        cfg: the run's config.
+        cuda: whether this process computes on CUDA; None asks torch.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     precision = cfg.parallel.precision
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        return torch.bfloat16 if cuda else torch.float32
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            LAYOUT_SOURCE, "parallel.precision=fp16 needs CUDA devices; use bf16 (or auto, fp32) on CPU"
+        )
+    return PRECISION_DTYPES[precision]

@@ -1,4 +1,5 @@
-"""Starting the process group and DeepSpeed's expert-parallel groups; device and precision choice.
+"""Starting the process group and DeepSpeed's expert-parallel groups; device and precision choice
+(fp16 refused without CUDA; TF32 matmuls on CUDA, moevit.parallel.precision).
 
 Order at start-up: `check_layout` (moevit.parallel.layout: pure arithmetic, raises before anything
 waits on a rendezvous) -> `initialize_distributed` -> build the model -> `moevit.parallel.engine.build_engine`.
@@ -23,7 +24,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
 from moevit.parallel.env import DistributedEnv, detect_environment
-from moevit.parallel.layout import check_layout, resolve_backend
+from moevit.parallel.layout import check_layout, resolve_backend, resolve_precision
+from moevit.parallel.precision import enable_tf32
 
 if TYPE_CHECKING:
     from moevit.config.schema import Config
@@ -54,6 +56,8 @@ def initialize_distributed(cfg: Config, timeout: timedelta = DEFAULT_TIMEOUT) ->
     """
     env = detect_environment()
     check_layout(cfg, env.world_size, num_experts=None)
+    resolve_precision(cfg)  # fp16 without CUDA is refused here, before any rendezvous or compute
+    enable_tf32(torch.cuda.is_available())
     # env:// rendezvous reads these; a process started without a launcher has none of them.
     for name, value in env.as_environment().items():
         os.environ.setdefault(name, value)

@@ -45,7 +45,7 @@ from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 from moevit.train.head_cost import FP32_BYTES, head_cost
 
-COMPUTE_BYTES = {"bf16": 2, "fp32": 4}
+COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,14 @@ class Windows:
 
 
 def backbone_bytes(
-    model: MoEViT, image_hw: tuple[int, int], precision: str, windows: Windows = Windows()
+    model: MoEViT,
+    image_hw: tuple[int, int],
+    precision: str,
+    windows: Windows = Windows(),
+    checkpointing: bool = False,
 ) -> dict[str, int]:
-    """Bytes one image keeps in the backbone, by part ("attention", "mlp", "ends")."""
+    """Bytes one image keeps in the backbone, by part ("attention", "mlp", "ends"); with per-block
+    activation checkpointing (train.activation_checkpointing) by "block inputs", "block rerun", "ends"."""
     c = COMPUTE_BYTES[precision]
     height, width = image_hw
     grid_h, grid_w = height // model.patch_size, width // model.patch_size
@@ -70,14 +75,27 @@ def backbone_bytes(
     tokens = prefix + grid_h * grid_w
     dim = model.embed_dim
     parts = {"attention": 0, "mlp": 0, "ends": c * 3 * height * width + FP32_BYTES * tokens * dim}
+    block_totals = []
     for i, block in enumerate(model.blocks):
         attention_tokens = tokens
         if windows.windowed(i):
             w = windows.size
             attention_tokens = prefix + math.ceil(grid_h / w) * w * math.ceil(grid_w / w) * w
-        parts["attention"] += _attention_bytes(block.attn, tokens, attention_tokens, dim, c)
-        parts["mlp"] += _mlp_bytes(block.mlp, tokens, dim, c)
-    return parts
+        attention = _attention_bytes(block.attn, tokens, attention_tokens, dim, c)
+        mlp = _mlp_bytes(block.mlp, tokens, dim, c)
+        parts["attention"] += attention
+        parts["mlp"] += mlp
+        block_totals.append(attention + mlp)
+    if not checkpointing:
+        return parts
+    # Checkpointed: each block keeps only its fp32 input until the backward, which then reruns one block
+    # at a time and holds that block's activations (the largest block bounds the peak). The routing
+    # records leaving a block are a few values per token, left out like the other small terms.
+    return {
+        "block inputs": FP32_BYTES * tokens * dim * len(model.blocks),
+        "block rerun": max(block_totals, default=0),
+        "ends": parts["ends"],
+    }
 
 
 def _attention_bytes(attn: nn.Module, tokens: int, attention_tokens: int, dim: int, c: int) -> int:
@@ -111,9 +129,11 @@ def task_activation_bytes(
     batch_size: int,
     precision: str,
     windows: Windows = Windows(),
+    checkpointing: bool = False,
 ) -> dict[str, int]:
-    """{"backbone", "head", "total"}: bytes a training forward of `batch_size` images keeps."""
-    backbone = sum(backbone_bytes(model, image_hw, precision, windows).values())
+    """{"backbone", "head", "total"}: bytes a training forward of `batch_size` images keeps;
+    `checkpointing`: with per-block activation checkpointing (see `backbone_bytes`)."""
+    backbone = sum(backbone_bytes(model, image_hw, precision, windows, checkpointing).values())
     task_head = head_cost(head, model, image_hw, COMPUTE_BYTES[precision]).bytes
     return {
         "backbone": batch_size * backbone,

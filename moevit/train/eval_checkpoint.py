@@ -13,6 +13,7 @@ from moevit.eval import evaluate
 from moevit.parallel.checkpoint import consolidated_state_dict
 from moevit.parallel.env import detect_environment
 from moevit.parallel.expert_parallel import apply_expert_parallel
+from moevit.parallel.layout import resolve_precision
 from moevit.parallel.setup import device_for, initialize_distributed
 from moevit.train.preflight import build_checked_model
 
@@ -33,7 +34,14 @@ def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict
         env = initialize_distributed(cfg)
         device = device_for(env)
         return evaluate(
-            model.to(device), cfg, manifest.tasks, cfg.train.eval_batches, env.rank, env.world_size, device
+            model.to(device),
+            cfg,
+            manifest.tasks,
+            cfg.train.eval_batches,
+            env.rank,
+            env.world_size,
+            device,
+            resolve_precision(cfg),
         )
     ref = resolve_checkpoint(checkpoint, "--checkpoint")
     model = build_checked_model(cfg, detect_environment().world_size, source)
@@ -41,4 +49,13 @@ def run_evaluation(cfg: Config, checkpoint: str, source: str = "config") -> dict
     env = initialize_distributed(cfg)
     device = device_for(env)
     apply_expert_parallel(model, cfg.parallel.ep_size)
-    return evaluate(model.to(device), cfg, None, cfg.train.eval_batches, env.rank, env.world_size, device)
+    return evaluate(
+        model.to(device),
+        cfg,
+        None,
+        cfg.train.eval_batches,
+        env.rank,
+        env.world_size,
+        device,
+        resolve_precision(cfg),  # under the autocast of training (parallel.precision)
+    )

@@ -21,6 +21,7 @@ from moevit.eval import evaluate
 from moevit.parallel.checkpoint import save_checkpoint
 from moevit.parallel.collectives import is_main_process
 from moevit.parallel.env import DistributedEnv
+from moevit.parallel.layout import resolve_precision
 from moevit.train.logging import RunLogger
 from moevit.train.state import TrainState
 from moevit.train.usage_plots import ExpertUsage, write_usage_report
@@ -57,6 +58,7 @@ class EvaluationHook:
             self.env.rank,
             self.env.world_size,
             self.device,
+            resolve_precision(self.cfg),  # the autocast training runs under
         )
         self.logger.log_eval(step, metrics)
         report = self.usage.reduce_and_reset(step, self.device)

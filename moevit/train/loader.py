@@ -11,10 +11,11 @@ from moevit.data.seeding import derive_seed
 from moevit.data.workers import ignore_stop_signals
 
 
-def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoader:
+def build_train_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> MultiTaskLoader:
     """Every task's train split, read as `rank` of `world_size` data-parallel readers.
 
-    Dataset layout errors (DatasetLayoutError) surface here, before the first step.
+    Dataset layout errors (DatasetLayoutError) surface here, before the first step. `pin_memory`:
+    collate into page-locked memory (for CUDA, see moevit.data.collate.pins_memory).
     """
     datasets = {name: build_dataset(task.type, task.data, train=True) for name, task in cfg.tasks.items()}
     schedule = build_schedule(cfg, {name: len(dataset) for name, dataset in datasets.items()})
@@ -37,4 +38,5 @@ def build_train_loader(cfg: Config, rank: int, world_size: int) -> MultiTaskLoad
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
         worker_init_fn=ignore_stop_signals,  # the main process checkpoints on SIGTERM/USR2
+        pin_memory=pin_memory,
     )

@@ -23,6 +23,7 @@ from moevit.data.coverage import epochs_covered
 from moevit.data.multitask import MultiTaskLoader
 from moevit.data.seeding import derive_seed
 from moevit.fileio import write_text_atomically
+from moevit.models.moe_vit import set_activation_checkpointing
 from moevit.parallel.checkpoint import load_checkpoint
 from moevit.parallel.collectives import all_reduce_sum, barrier, is_main_process
 from moevit.parallel.engine import build_engine
@@ -87,6 +88,7 @@ def run_training(
     checkpoint = resolve_resume(resume, run.root)
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     env = initialize_distributed(cfg)
     device = device_for(env)
     engine = build_engine(model, cfg, env)  # shards the experts over parallel.ep_size ranks first

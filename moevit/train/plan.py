@@ -74,7 +74,13 @@ def plan_report(cfg: Config, gpus: int, source: str = "config") -> dict:
         side = task.image_size
         flops = analytic_flops(model.backbone, side, name)
         memory = task_activation_bytes(
-            model.backbone, model.heads[name], (side, side), task.data.batch_size, precision, windows
+            model.backbone,
+            model.heads[name],
+            (side, side),
+            task.data.batch_size,
+            precision,
+            windows,
+            checkpointing=cfg.train.activation_checkpointing,
         )
         head = head_cost(model.heads[name], model.backbone, (side, side), COMPUTE_BYTES[precision])
         head_gflops = 2 * head.macs / 1e9

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moevit.config.schema import Config
+from moevit.data.collate import pins_memory
 from moevit.data.multitask import MultiTaskLoader, reshard_loader_states
 from moevit.parallel.checkpoint import capture_rng_state, restore_rng_state
 from moevit.parallel.env import DistributedEnv
@@ -60,7 +61,7 @@ class TrainState:
 def build_train_state(train_cfg: Config, engine, env: DistributedEnv, device: torch.device) -> TrainState:
     """The loop's state for the tasks of `train_cfg` (moevit.config.schema.Config.training_view)."""
     tasks = list(train_cfg.tasks)
-    loader = build_train_loader(train_cfg, env.rank, env.world_size)
+    loader = build_train_loader(train_cfg, env.rank, env.world_size, pin_memory=pins_memory(device))
     balancer = build_balancer(
         train_cfg.train.loss_balancing, {name: task.loss_weight for name, task in train_cfg.tasks.items()}
     )
