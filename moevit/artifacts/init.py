@@ -38,7 +38,6 @@ from moevit.models.pretrained import DENSE_SUFFIXES, add_expert_noise, read_dens
 from moevit.parallel.checkpoint import consolidated_state_dict, load_tensors_only
 
 REPORT_FILE = "init_report.json"
-POS_EMBED = BACKBONE + "pos_embed"
 
 
 @dataclass
@@ -133,24 +132,45 @@ def apply_init(
         flag: the config key or CLI flag named in errors.
     """
     state, kind, upcycled = read_init_state(path, model.backbone, flag)
-    where = f"{flag} {path}"
     if upcycled and expert_noise:
         add_expert_noise(state, upcycled, expert_noise, torch.Generator().manual_seed(seed))
-    report = InitReport(str(path), kind, upcycled=upcycled, expert_noise=expert_noise if upcycled else 0.0)
-    target = model.state_dict()
+    report = fit_state(model, state, f"{flag} {path}", kind, strict)
+    report.source, report.upcycled = str(path), upcycled
+    report.expert_noise = expert_noise if upcycled else 0.0
+    return report
+
+
+def fit_state(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    where: str,
+    kind: str = "moevit-model",
+    strict: bool = False,
+    prefix: str = BACKBONE,
+) -> InitReport:
+    """Loads `state` into `module` (a MultiTaskModel; with `prefix` "", a bare MoEViT) by name and shape,
+    the rules of the module doc; returns the report. Nothing is loaded when a tensor is refused.
+
+    `where` opens every error (the flag and the path); `kind` "timm" (a dense source) has no heads to
+    skip: a head tensor of another shape is then an error like any other."""
+    backbone = module.backbone if prefix else module
+    pos_embed = prefix + "pos_embed"
+    report = InitReport(where, kind)
+    target = module.state_dict()
     fitted = {}
     for key, value in state.items():
-        if parse_key(key).kind == "gate_usage":  # counters older files hold; loading drops them anyway
+        name = parse_key(key, prefix)
+        if name.kind == "gate_usage":  # counters older files hold; loading drops them anyway
             continue
         if key not in target:
             report.unexpected.append(key)
             continue
         expected = target[key].shape
         if value.shape != expected:
-            if key == POS_EMBED and value.ndim == 3 and value.shape[-1] == expected[-1]:
+            if key == pos_embed and value.ndim == 3 and value.shape[-1] == expected[-1]:
                 report.resampled[key] = [list(value.shape), list(expected)]
-                value = _resampled_pos_embed(value, model.backbone)
-            elif parse_key(key).kind == "head" and kind != "timm":
+                value = _resampled_pos_embed(value, backbone)
+            elif name.kind == "head" and kind != "timm":
                 report.skipped[key] = [list(value.shape), list(expected)]
                 continue
             else:
@@ -162,7 +182,7 @@ def apply_init(
     report.missing = [key for key in target if key not in fitted]
     if strict:
         _check_exact(where, report)
-    model.load_state_dict(fitted, strict=False)
+    module.load_state_dict(fitted, strict=False)
     return report
 
 
