@@ -295,3 +295,32 @@ def test_a_bad_init_stops_moevit_train_before_anything_starts(tmp_path, synth_ro
         error.startswith("moevit: error: model.init ") and "tensor backbone.blocks.0.mlp.fc1.weight" in error
     )
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_a_bad_init_is_refused_before_a_relaunch_and_by_finetune(tmp_path, monkeypatch, capsys):
+    from moevit.cli import main
+    from moevit.cli import train as cli
+
+    monkeypatch.setattr(cli, "_relaunch", lambda argv, nproc: pytest.fail(f"launched {nproc} workers"))
+    (tmp_path / "data").mkdir()
+    data = {"format": "imagenet", "root": str(tmp_path / "data"), "image_size": 32}
+    config = {
+        "model": {"name": "moevit_debug", "init": str(tmp_path / "nowhere.pth")},
+        "tasks": {"cls": {**TASKS["cls"], "data": data}},
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--nproc", "2"]) == 2
+    assert f"model.init {tmp_path / 'nowhere.pth'}: no such file" in capsys.readouterr().err
+    args = ["finetune", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path), "--mode", "head"]
+    assert main(args) == 2
+    assert "'model.init' is not used by fine-tuning" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_init_and_a_continual_section_are_not_both_accepted():
+    with pytest.raises(ConfigError, match="'model.init' and 'continual' both"):
+        build_config(
+            Config,
+            {"model": {"name": "moevit_debug", "init": "x.pth"}, "tasks": TASKS, "continual": {"init": "d"}},
+        )
