@@ -5,9 +5,10 @@ Reading goes through timm's own loaders, so a file loads here as it loads into t
 - `.pth` / `.pt` / `.bin` / `.safetensors`: `timm.models.load_state_dict` (tensors only, `weights_only`;
   it unwraps `{"model": ...}` / `{"state_dict": ...}` checkpoints, which is how MAE's `.pth` holds its
   encoder, and strips DDP's `module.` prefix);
-- `.npz` (the original Google/JAX ViT layout): a dense timm `VisionTransformer` shaped like the
-  backbone takes it through timm's npz loader (`load_checkpoint` -> `_load_weights`), which also
-  resamples its position embedding; its state_dict is then the dense state.
+- `.npz` (the original Google/JAX ViT layout): a dense timm `VisionTransformer` of the file's own
+  shape (read off its arrays; the backbone's for layouts that hide it) takes it through timm's npz
+  loader (`load_checkpoint` -> `_load_weights`); its state_dict is then the dense state, checked and
+  resampled like any other.
 
 `upcycled_state` maps the dense names onto a backbone (MoEViT keeps timm's names; in MoE blocks the
 dense MLP becomes every expert, see upcycle.py), and `add_expert_noise` breaks the experts' symmetry.
@@ -16,8 +17,10 @@ Where the state goes, and the report of what loaded, is moevit.artifacts.init.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.models import load_checkpoint, load_state_dict
 from timm.models.vision_transformer import VisionTransformer
@@ -38,13 +41,51 @@ def read_dense_state(path: Path, backbone: MoEViT) -> dict[str, torch.Tensor]:
     the readers, which the caller turns into one line.
     """
     if path.suffix == NPZ_SUFFIX:
-        vit = dense_twin(backbone)
+        vit = npz_shaped_vit(path) or dense_twin(backbone)
         load_checkpoint(vit, str(path))  # timm: npz -> model.load_pretrained -> _load_weights
         return {key: value for key, value in vit.state_dict().items() if not key.startswith("head.")}
-    state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    state = load_state_dict(str(path), weights_only=True)  # timm's choice: EMA weights when present
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("holds no state_dict of tensors")
     return state
+
+
+def npz_shaped_vit(path: Path) -> VisionTransformer | None:
+    """A dense timm ViT with the shape the classic Google `.npz` layout itself has (width, depth, heads,
+    MLP width, patch, grid), so that a file of another shape reads whole and the mismatch is then
+    named tensor by tensor; None for layouts this does not read (big_vision's), which are read into
+    the backbone's shape instead."""
+    with np.load(path, allow_pickle=False) as weights:
+        files = set(weights.files)
+        prefix = next((p for p in ("", "opt/target/") if f"{p}embedding/kernel" in files), None)
+        block = f"{prefix}Transformer/encoderblock_0/"
+        attention, mlp = f"{block}MultiHeadDotProductAttention_1/", f"{block}MlpBlock_3/Dense_0/kernel"
+        pos_key = f"{prefix}Transformer/posembed_input/pos_embedding"
+        if prefix is None or mlp not in files or pos_key not in files:
+            return None
+        patch_h, patch_w, in_chans, width = weights[f"{prefix}embedding/kernel"].shape
+        heads = weights[f"{attention}query/kernel"].shape[1]
+        hidden = weights[mlp].shape[1]
+        positions = weights[pos_key].shape[1]
+    depth = sum(
+        1 for i in range(len(files)) if f"{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale" in files
+    )
+    class_token = f"{prefix}cls" in files
+    grid = math.isqrt(positions - class_token)
+    if grid * grid != positions - class_token or patch_h != patch_w:
+        return None
+    return VisionTransformer(
+        img_size=grid * patch_h,
+        patch_size=patch_h,
+        in_chans=in_chans,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / width,
+        qkv_bias=f"{attention}query/bias" in files,
+        class_token=class_token,
+        num_classes=0,
+    )
 
 
 def dense_twin(backbone: MoEViT) -> VisionTransformer:

@@ -154,25 +154,35 @@ def test_expert_noise_breaks_the_copies_reproducibly_and_keeps_the_biases(tmp_pa
     assert all(torch.equal(bias, dense.bias) for bias in experts[0].fc1_bias)
 
 
-def test_the_position_embedding_is_resampled_to_the_models_grid(tmp_path):
+def save(vit: VisionTransformer, path) -> None:
+    if path.suffix == ".npz":
+        save_jax_npz(vit, path)
+    else:
+        torch.save(vit.state_dict(), path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".npz"])
+def test_the_position_embedding_is_resampled_to_the_models_grid(tmp_path, suffix):
     vit = tiny_vit(img_size=48)  # a 6x6 grid; the model's is 4x4
-    torch.save(vit.state_dict(), tmp_path / "vit48.pth")
+    save(vit, tmp_path / f"vit48{suffix}")
     model, _ = make_model()
-    report = apply_init(model, tmp_path / "vit48.pth")
+    report = apply_init(model, tmp_path / f"vit48{suffix}")
     assert report.resampled == {"backbone.pos_embed": [[1, 37, 64], [1, 17, 64]]}
     expected = resample_abs_pos_embed(vit.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1)
     assert torch.equal(model.backbone.pos_embed, expected)
     assert torch.equal(model.backbone.pos_embed[:, :1], vit.pos_embed[:, :1])  # the class slot as it was
 
 
-def test_a_shape_mismatch_is_refused_naming_the_tensor(tmp_path):
-    torch.save(tiny_vit(mlp_ratio=2.0).state_dict(), tmp_path / "narrow.pth")
+@pytest.mark.parametrize("suffix", [".pth", ".npz"])
+def test_a_shape_mismatch_is_refused_naming_the_tensor(tmp_path, suffix):
+    path = tmp_path / f"narrow{suffix}"
+    save(tiny_vit(mlp_ratio=2.0), path)
     model, _ = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError) as err:
-        apply_init(model, tmp_path / "narrow.pth")
+        apply_init(model, path)
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"model.init {tmp_path / 'narrow.pth'}: ")
+    assert "\n" not in message and message.startswith(f"model.init {path}: ")
     assert (
         "tensor backbone.blocks.0.mlp.fc1.weight has shape [128, 64], the model expects [256, 64]" in message
     )
