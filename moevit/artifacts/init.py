@@ -81,7 +81,7 @@ def read_init_state(
     path = Path(path)
     where = f"{flag} {path}"
     if not path.exists():
-        raise ConfigError(where, "no such file or directory (model.init takes local paths only)")
+        raise ConfigError(where, "no such file or directory (local paths only: nothing is downloaded)")
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return _read(where, lambda: load_tensors_only(path / WEIGHTS_FILE)), "moevit-model", []
@@ -106,7 +106,7 @@ def _read(where: str, reader):
         state = reader()
     except ConfigError:
         raise
-    except Exception as err:  # noqa: BLE001 - torch, safetensors, numpy and timm each raise their own types
+    except Exception as err:  # torch, safetensors, numpy and timm each raise their own types
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise ConfigError(where, f"cannot read it: {lines[0] if lines else type(err).__name__}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
