@@ -46,6 +46,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from moevit.train.loop import run_training
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.init is not None:  # the architecture and weights are --init's; model.init would clash
+        raise ConfigError(args.config, "'model.init' is not used by fine-tuning: its start is --init")
     if detect_environment().world_size > 1:
         raise ConfigError("moevit finetune", "runs in one process; start it without a launcher")
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep_size=1))

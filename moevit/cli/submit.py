@@ -68,7 +68,7 @@ def _layout(args: argparse.Namespace, gpus_per_node: int | None) -> JobLayout:
 def cmd_submit(args: argparse.Namespace) -> int:
     from moevit.artifacts.run_dir import check_output_dir
     from moevit.config import load_config
-    from moevit.train.preflight import build_checked_model
+    from moevit.train.preflight import build_checked_model, start_from_init
 
     try:
         profile = load_profile(args.profile)
@@ -87,7 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     # The submitting machine may have no GPU: check everything but the backend, which the tasks check.
     checked = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend="gloo"))
-    build_checked_model(checked, layout.world_size, args.config)
+    start_from_init(build_checked_model(checked, layout.world_size, args.config), checked)  # model.init too
     check_output_dir(cfg, args.resume)
 
     workdir = Path.cwd()

@@ -97,12 +97,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moevit.parallel.env import detect_environment
     from moevit.parallel.setup import shutdown_distributed
     from moevit.train.loop import run_training
-    from moevit.train.preflight import build_checked_model
+    from moevit.train.preflight import build_checked_model, start_from_init
 
     cfg = load_config(args.config, args.overrides)
     if _needs_relaunch(args.nproc):
         check_output_dir(cfg, args.resume)
-        build_checked_model(cfg, args.nproc, args.config)
+        # model.init is read here too: a bad path or shape is refused once, before any worker starts.
+        start_from_init(build_checked_model(cfg, args.nproc, args.config), cfg)
         resume = ["--resume", args.resume] if args.resume else []
         return _relaunch(["train", args.config, *args.overrides, *resume], args.nproc)
     check_output_dir(cfg, args.resume)  # before the model is built, as on a relaunch

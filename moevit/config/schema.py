@@ -70,12 +70,15 @@ class ModelConfig:
     window_size: int | None = None
     global_blocks: list[int] | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
-    # Pretrained start (issue 16): a local checkpoint the model starts from (see moevit.models.init).
+    # Pretrained start (issue 16): a local checkpoint the model starts from (see moevit.artifacts.init).
     init: str | None = None
+    # Upcycled experts (a dense timm/MAE `init`) get N(0, (this x the dense weight's std)^2) added to
+    # their weight matrices, so identical copies can diverge; None or 0: exact copies.
+    init_expert_noise: float | None = None
 
     def variant_overrides(self) -> dict:
         """Constructor arguments for `create_model`, only those this config sets."""
-        not_constructor_arguments = ("name", "moe", "init")
+        not_constructor_arguments = ("name", "moe", "init", "init_expert_noise")
         overrides = {
             f.name: getattr(self, f.name) for f in fields(self) if f.name not in not_constructor_arguments
         }
@@ -94,6 +97,15 @@ class ModelConfig:
             raise ValueError(f"window_size must be >= 0 (0: global attention), got {self.window_size}")
         if self.global_blocks is not None and any(index < 0 for index in self.global_blocks):
             raise ValueError(f"global_blocks must be block indices >= 0, got {self.global_blocks}")
+        if self.init is not None and not self.init.strip():
+            raise ValueError("init must name a local checkpoint file or directory (or be left out)")
+        if self.init_expert_noise is not None:
+            if self.init_expert_noise < 0:
+                raise ValueError(f"init_expert_noise must be >= 0, got {self.init_expert_noise}")
+            if self.init is None:
+                raise ValueError(
+                    "init_expert_noise needs init (the dense checkpoint whose experts it perturbs)"
+                )
 
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's training resolution; also what a task without a dataset is built for
@@ -501,6 +513,8 @@ class Config:
                 unknown = sorted(set(names) - set(self.tasks))
                 if unknown:
                     raise ValueError(f"'continual.{key}' names {unknown}; the tasks are {list(self.tasks)}")
+            if self.model.init is not None:  # two starts would silently overwrite one another
+                raise ValueError("'model.init' and 'continual' both set the starting weights: keep one")
         ratios = self.train.sampling.ratios
         if ratios is not None and set(ratios) != set(self.tasks):
             raise ValueError(f"train.sampling.ratios names {sorted(ratios)}, tasks are {sorted(self.tasks)}")

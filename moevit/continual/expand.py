@@ -102,7 +102,11 @@ def expanded_config(
         cfg,
         tasks={**cfg.tasks, task: task_cfg},
         model=dataclasses.replace(
-            cfg.model, moe=dataclasses.replace(cfg.model.moe, num_experts=old_experts + new_experts)
+            cfg.model,
+            moe=dataclasses.replace(cfg.model.moe, num_experts=old_experts + new_experts),
+            # The expanded weights (continual.init) are the start; the source run's own start is spent.
+            init=None,
+            init_expert_noise=None,
         ),
         # One task trains: the old per-task ratios would not name it.
         train=dataclasses.replace(cfg.train, sampling=TaskSamplingConfig()),

@@ -3,9 +3,10 @@
 - `check_continual`: the init dir holds the expanded weights and agrees with the section, before the
   process group starts (the config itself checks the section's task names: evaluating or pruning a
   finished run needs no init dir);
-- `start_continual`: the config's model takes the expanded weights (a strict, key-by-key load) and is
-  frozen (freeze.py); `moevit train` hands it to the training loop as a prebuilt model, before the
-  engine shards its experts and builds the optimizer. Only `Config.train_tasks()` train; evaluation
+- `start_continual`: the config's model takes the expanded weights (model.init's loader,
+  moevit.artifacts.init, in its strict mode: a key-by-key load) and is frozen (freeze.py); `moevit
+  train` hands it to the training loop as a prebuilt model, before the engine shards its experts and
+  builds the optimizer. Only `Config.train_tasks()` train; evaluation
   keeps every task, so the old tasks are still measured.
 """
 
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from moevit.artifacts.init import apply_init
 from moevit.artifacts.model_dir import WEIGHTS_FILE, read_continual_record
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
@@ -47,10 +48,6 @@ def start_continual(model: nn.Module, cfg: Config, source: str = "config") -> di
     """Loads the expanded weights into `model` (built from `cfg`) and freezes it; returns the counts."""
     check_continual(cfg, source)
     spec = cfg.continual
-    weights = Path(spec.init) / WEIGHTS_FILE
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(str(weights), f"the weights do not fit the config's model: {err}") from None
+    # model.init's loader, strict: every tensor key by key, no resampling, so the old tasks stay bit-exact.
+    apply_init(model, spec.init, strict=True, flag="continual.init")
     return freeze_for_continual(model, cfg.train_tasks(), spec.frozen_experts, spec.train_shared)

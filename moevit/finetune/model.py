@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from moevit.artifacts.init import fit_state
 from moevit.artifacts.model_dir import Manifest, is_pruned_dir, load_pruned
 from moevit.config.schema import Config
 from moevit.heads import build_head
@@ -51,7 +52,9 @@ def init_source(init: str, from_task: str | None) -> tuple[MultiTaskModel, Manif
     return model, manifest, from_task
 
 
-def renamed_backbone(model: MultiTaskModel, manifest: Manifest, from_task: str, new_task: str) -> MoEViT:
+def renamed_backbone(
+    model: MultiTaskModel, manifest: Manifest, from_task: str, new_task: str, where: str = "--init"
+) -> MoEViT:
     """A one-task backbone whose routers and task embedding are `from_task`'s, under the name `new_task`."""
     backbone = create_model(
         manifest.model_name, tasks=[new_task], num_experts=manifest.experts_per_block(), **manifest.model_args
@@ -62,7 +65,8 @@ def renamed_backbone(model: MultiTaskModel, manifest: Manifest, from_task: str, 
         if task is not None and task != from_task:
             continue
         state[key if task is None else with_task(key, new_task, prefix="")] = value
-    backbone.load_state_dict(state)
+    # model.init's loader (moevit.artifacts.init), strict: every tensor by name and shape, as it is.
+    fit_state(backbone, state, where, strict=True, prefix="")
     return backbone
 
 
@@ -72,7 +76,7 @@ def build_finetune_model(cfg: Config, init: str, from_task: str | None) -> tuple
         raise ValueError(f"fine-tuning trains one task; the config has {list(cfg.tasks)}")
     ((task, task_cfg),) = cfg.tasks.items()
     source_model, manifest, from_task = init_source(init, from_task)
-    backbone = renamed_backbone(source_model, manifest, from_task, task)
+    backbone = renamed_backbone(source_model, manifest, from_task, task, f"--init {init}")
     image_size = task_cfg.image_size
     torch.manual_seed(cfg.seed)
     head = build_head(task_cfg.type, task_cfg.num_classes, backbone, image_size, **task_cfg.head_options)

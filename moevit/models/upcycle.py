@@ -18,7 +18,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from moevit.models.moe_vit import MoEViT
-from moevit.models.param_names import expert_key, expert_part_of_dense, mlp_layer_index, parse_key
+from moevit.models.param_names import parse_key
+from moevit.models.pretrained import upcycled_key
 
 _NOT_BACKBONE = ("head.", "fc_norm.", "head_drop.", "attn_pool.")
 
@@ -72,12 +73,8 @@ def upcycle_timm_vit(
     for key, value in vit.state_dict().items():
         if key.startswith(_NOT_BACKBONE):
             continue
-        name = parse_key(key, prefix="")
-        if name.kind == "dense_mlp" and mlp_layer_index(name.layer) in model.moe_layer_indices:
-            moe_key = expert_key(name.layer, expert_part_of_dense(name.part), prefix="")
-            state[moe_key] = value.unsqueeze(0).repeat_interleave(num_experts, 0)
-        else:
-            state[key] = value
+        moe_key, is_expert = upcycled_key(key, model.moe_layer_indices)
+        state[moe_key] = value.unsqueeze(0).repeat_interleave(num_experts, 0) if is_expert else value
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_in_moe = ("gate", "task_embedding")  # the routers' weights: nothing dense to copy
     missing = [key for key in missing if parse_key(key, prefix="").kind not in new_in_moe]

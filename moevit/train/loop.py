@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from moevit.artifacts.checkpoints import resolve_resume
+from moevit.artifacts.init import write_init_report
 from moevit.artifacts.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.config.schema import Config
 from moevit.data.coverage import epochs_covered
@@ -32,7 +33,7 @@ from moevit.parallel.setup import device_for, initialize_distributed
 from moevit.train.hooks import CheckpointHook, EvaluationHook
 from moevit.train.logging import RunLogger
 from moevit.train.preemption import Preemption
-from moevit.train.preflight import build_checked_model
+from moevit.train.preflight import build_checked_model, start_from_init
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
 from moevit.train.state import TrainState, build_train_state
 
@@ -88,6 +89,9 @@ def run_training(
     checkpoint = resolve_resume(resume, run.root)
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
+    # model.init on every rank, before the engine shards the experts; a resumed run's checkpoint
+    # replaces every weight, so the init file is not read (nor needed) again.
+    init_report = start_from_init(model, cfg) if checkpoint is None else None
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     env = initialize_distributed(cfg)
     device = device_for(env)
@@ -108,6 +112,9 @@ def run_training(
             logger.message(line)
     if checkpoint is not None:
         logger.message(f"resumed from {checkpoint.directory} at step {start_step}")
+    if init_report is not None and is_main_process():
+        write_init_report(run.root, init_report)
+        logger.message(init_report.summary() + f" (details: {run.root / 'init_report.json'})")
     evaluation = EvaluationHook(cfg, engine.module, state.usage, run.plots, logger, env, device)
     checkpointing = CheckpointHook(engine, state, run.root, cfg)
     metrics: dict[str, dict[str, float]] = {}

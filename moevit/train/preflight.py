@@ -4,6 +4,7 @@ The loader (moevit.config.loader) already refused unknown keys and wrong types. 
 tasks, the built model or the world size: every task has a dataset whose root exists, the model builds
 (top-k within the expert count, image sizes that fit the patch grid), and `parallel.ep_size` divides
 both the world size and every MoE layer's expert count (moevit.parallel.layout.check_layout).
+`start_from_init` loads `model.init` into the built model (moevit.artifacts.init).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from moevit.artifacts.init import InitReport, apply_init
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
+from moevit.data.seeding import derive_seed
 from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.multitask import MultiTaskModel
@@ -47,3 +50,15 @@ def build_checked_model(cfg: Config, world_size: int, source: str = "config") ->
     for num_experts in sorted(expert_counts) or [None]:
         check_layout(cfg, world_size, num_experts)
     return model
+
+
+def start_from_init(model: MultiTaskModel, cfg: Config) -> InitReport | None:
+    """Loads `model.init` into the single-device `model` (None when the config names none).
+
+    Every rank calls it alike before the engine wraps the model: the expert noise comes from a
+    generator seeded by the run's seed, so the ranks' replicas agree. A bad path, an unreadable file
+    or a tensor of the wrong shape is a ConfigError, before any training step."""
+    if cfg.model.init is None:
+        return None
+    noise = cfg.model.init_expert_noise or 0.0
+    return apply_init(model, cfg.model.init, noise, derive_seed(cfg.seed, "model.init_expert_noise"))

@@ -102,3 +102,10 @@ def test_unknown_profile_keys_are_refused(tmp_path):
     path.write_text("partiton: gpu\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['partiton'\]"):
         load_profile(str(path))
+
+
+def test_model_init_is_checked_on_the_submitting_machine(config_file, capsys, tmp_path):
+    cpu = ["--cpu", "--tasks-per-node", "2"]
+    bad = "model.init=weights/missing.pth"
+    assert main(["submit", str(config_file), *cpu, bad, "--dry-run"]) == 2
+    assert "model.init weights/missing.pth: no such file or directory" in capsys.readouterr().err

@@ -329,3 +329,17 @@ def test_an_expanded_model_is_a_standalone_model_directory(source, tmp_path):
             expected = expanded.eval().backbone.forward_backbone(images, task)
             got = loaded.backbone.forward_backbone(images, task)
             assert torch.equal(got.tokens, expected.tokens), task
+
+
+def test_a_run_started_from_model_init_expands_from_its_checkpoint_alone():
+    """The expanded config starts from `continual.init`: the source run's `model.init` is dropped (a
+    config may not name both starts)."""
+    import dataclasses
+
+    cfg = make_cfg()
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, init="vit.pth", init_expert_noise=0.01)
+    )
+    new_cfg = expanded_config(cfg, 4, "new", new_task_config("classification", 5, "unused", SIZE, 4), 2, "x")
+    assert new_cfg.model.init is None and new_cfg.model.init_expert_noise is None
+    assert new_cfg.continual.init == "x"
