@@ -97,7 +97,8 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         # The loop feeds its own batches; DeepSpeed only needs a consistent micro-batch count.
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
+        # Micro-batches per optimizer step: engine.backward divides each by it (moevit.train.step).
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         # An empty module list keeps every gradient reduction in fp32.

@@ -90,8 +90,9 @@ def plan_report(cfg: Config, gpus: int, source: str = "config") -> dict:
             "gflops_per_image": gflops,
             "gflops_backbone": flops["gflops"],
             "gflops_head": head_gflops,
-            "tokens_per_step_per_gpu": batch * flops["tokens"],
-            "tokens_per_step_global": batch * flops["tokens"] * gpus,
+            # A step reads grad_accum_steps micro-batches of `batch` per GPU (activation memory: one).
+            "tokens_per_step_per_gpu": batch * cfg.train.grad_accum_steps * flops["tokens"],
+            "tokens_per_step_global": batch * cfg.train.grad_accum_steps * flops["tokens"] * gpus,
             "step_probability": step_probability[name],
             "activation_gib_per_gpu": memory["total"] / GIB,
             "activation_gib_backbone": memory["backbone"] / GIB,
