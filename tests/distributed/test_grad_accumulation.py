@@ -102,9 +102,15 @@ class RecordingEngine:
 
     def step(self):
         if self.engine.is_gradient_accumulation_boundary():
-            self.gradients = {
-                n: p.grad.clone() for n, p in self.engine.module.named_parameters() if p.grad is not None
-            }
+            partitions = getattr(self.engine.optimizer, "averaged_gradients", None)
+            if partitions:  # ZeRO 1 and 2: the reduced gradient partitions, per optimizer group
+                self.gradients = {
+                    f"group {g}": torch.cat([t.flatten() for t in partitions[g]]) for g in sorted(partitions)
+                }
+            else:
+                self.gradients = {
+                    n: p.grad.clone() for n, p in self.engine.module.named_parameters() if p.grad is not None
+                }
         self.engine.step()
 
 
@@ -139,23 +145,34 @@ def accumulation_worker() -> dict:
     step(plan_of(big_batches(), 2), weights)
     results["per_round_mi"] = engine.gradients
     # A NaN in the last round of step 1 (fault injection): nothing moves, and step 2 is a fresh step 1.
+    import dataclasses
     import os
 
-    os.environ["MOEVIT_FAULT_NONFINITE_LOSS"] = "0:1"
-    engine = RecordingEngine(build_engine(make_model(), make_config(2), env))
-    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    step = MultiTaskStep(engine, list(TASK_TYPES), aux, prior, env.world_size, torch.device("cpu"))
-    skipped = step(plan_of(big_batches(seed=1), 2), weights, step=1)
-    unchanged = all(torch.equal(before[n], p) for n, p in engine.module.named_parameters())
-    steps_after_skip = engine.global_steps
-    torch.manual_seed(7)
-    step(plan_of(big_batches(), 2), weights, step=2)
-    results["skip"] = {
-        "skipped": skipped.skipped,
-        "unchanged": unchanged,
-        "global_steps": (steps_after_skip, engine.global_steps),
-        "gradients": engine.gradients,
-    }
+    for stage in (0, 1, 2):
+        cfg = make_config(2)
+        cfg.parallel = dataclasses.replace(cfg.parallel, zero_stage=stage)
+        reference = RecordingEngine(build_engine(make_model(), cfg, env))
+        torch.manual_seed(7)
+        MultiTaskStep(reference, list(TASK_TYPES), aux, prior, 1, torch.device("cpu"))(
+            plan_of(big_batches(), 2), weights
+        )
+        engine = RecordingEngine(build_engine(make_model(), cfg, env))
+        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        step = MultiTaskStep(engine, list(TASK_TYPES), aux, prior, env.world_size, torch.device("cpu"))
+        os.environ["MOEVIT_FAULT_NONFINITE_LOSS"] = "0:1"
+        skipped = step(plan_of(big_batches(seed=1), 2), weights, step=1)
+        del os.environ["MOEVIT_FAULT_NONFINITE_LOSS"]
+        unchanged = all(torch.equal(before[n], p) for n, p in engine.module.named_parameters())
+        steps_after_skip = engine.global_steps
+        torch.manual_seed(7)
+        step(plan_of(big_batches(), 2), weights, step=2)
+        results[("skip", stage)] = {
+            "skipped": skipped.skipped,
+            "unchanged": unchanged,
+            "global_steps": (steps_after_skip, engine.global_steps),
+            "gradients": engine.gradients,
+            "reference": reference.gradients,
+        }
     dist.destroy_process_group()
     return results
 
@@ -189,10 +206,12 @@ def test_without_the_statistics_pass_the_mi_gradient_differs(accumulated):
     assert worst > 1e-2
 
 
-def test_a_nan_in_the_last_round_skips_the_whole_accumulated_step(accumulated):
-    skip = accumulated["skip"]
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_nan_in_the_last_round_skips_the_whole_accumulated_step(accumulated, stage):
+    skip = accumulated[("skip", stage)]
     assert skip["skipped"] and skip["unchanged"]
     assert skip["global_steps"] == (0, 1)  # the skipped step took no optimizer step
     # The first round's gradients were dropped: the next step's are those of a fresh step on its data.
-    for name, expected in accumulated[2]["gradients"].items():
+    assert skip["gradients"].keys() == skip["reference"].keys()
+    for name, expected in skip["reference"].items():
         torch.testing.assert_close(skip["gradients"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
