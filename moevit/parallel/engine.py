@@ -5,7 +5,7 @@ parameter groups (no weight decay for biases, norms and the model's `no_weight_d
 names; expert parameters split into DeepSpeed's MoE groups with
 `split_params_into_different_moe_groups_for_optimizer`, which ZeRO partitions over the
 expert-data-parallel group), a linear-warmup + cosine LR schedule stepped by the engine, and
-calls `deepspeed.initialize`. Use per optimizer step (gradient_accumulation_steps is 1):
+calls `deepspeed.initialize`. Use per optimizer step (or per round of one, moevit.train.step):
 
     outputs = {task: engine(task, batch) for task, batch in plan}   # model(task, batch) -> TaskOutput
     engine.backward(total_loss)   # one backward over the sum of task and auxiliary losses
