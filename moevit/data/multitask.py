@@ -1,6 +1,7 @@
 """Multi-task data loading: per-task resumable samplers driven by a :class:`TaskSchedule`.
 
-Each step, :class:`MultiTaskLoader` asks the schedule which task(s) to train, pulls one batch of each
+Each step, :class:`MultiTaskLoader` asks the schedule which task(s) to train, pulls one batch of each (or
+``accumulation`` batches of each: gradient accumulation, see :class:`StepPlan`)
 from that task's own DataLoader and yields them as a :class:`StepPlan`, in the schedule's order. A
 task's DataLoader is built on first use and only pulled when the schedule names the task, so a task
 that is rarely drawn costs no work in between.

@@ -131,10 +131,10 @@ NOTES = (
     "(moevit.train.head_cost; the JSON splits the two). Tokens/step: one step "
     "that trains the task; the total weights each task by the share of steps that train it. Activation "
     "memory: analytic estimate of what one training forward keeps for the backward at the batch per GPU "
-    "and precision (bf16 for 'auto': a plan assumes GPUs), backbone + head, without parameters, "
+    "(one accumulation round) and precision (bf16 for 'auto': a plan assumes GPUs), backbone + head, without parameters, "
     "gradients and optimizer state (moevit.train.activation_memory). The per-step total sums the tasks "
-    "under strategy 'all' (one backward over all of them), else takes the largest. Epochs: batch x GPUs x "
-    "steps that train the task / train-split size; * marks the real dataset's published size, used when "
+    "under strategy 'all' (one backward over all of them), else takes the largest. Epochs: batch x grad_accum_steps x "
+    "GPUs x steps that train the task / train-split size; * marks the real dataset's published size, used when "
     "the data root is missing. Train PFLOPs: 3 x forward GFLOPs x samples."
 )
 
