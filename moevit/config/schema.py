@@ -418,7 +418,7 @@ class TrainConfig:
     loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
 
     def validate(self) -> None:
-        for name in ("steps", "log_every", "keep_last"):
+        for name in ("steps", "log_every", "keep_last", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "num_workers", "max_bad_steps"):

@@ -41,7 +41,7 @@ class DatasetSize:
 @dataclass(frozen=True)
 class TaskCoverage:
     steps: int  # optimizer steps that train the task
-    samples: int  # batch_size x world_size x steps
+    samples: int  # batch_size x grad_accum_steps x world_size x steps
     dataset_size: DatasetSize
     epochs: float
 
@@ -91,6 +91,6 @@ def epochs_covered(
     steps = schedule.task_counts(cfg.train.steps)
     coverage = {}
     for name, task in cfg.tasks.items():
-        samples = task.data.batch_size * world_size * steps[name]
+        samples = task.data.batch_size * cfg.train.grad_accum_steps * world_size * steps[name]
         coverage[name] = TaskCoverage(steps[name], samples, sizes[name], samples / sizes[name].images)
     return coverage

@@ -1,6 +1,7 @@
 """Multi-task data loading: per-task resumable samplers driven by a :class:`TaskSchedule`.
 
-Each step, :class:`MultiTaskLoader` asks the schedule which task(s) to train, pulls one batch of each
+Each step, :class:`MultiTaskLoader` asks the schedule which task(s) to train, pulls one batch of each (or
+``accumulation`` batches of each: gradient accumulation, see :class:`StepPlan`)
 from that task's own DataLoader and yields them as a :class:`StepPlan`, in the schedule's order. A
 task's DataLoader is built on first use and only pulled when the schedule names the task, so a task
 that is rarely drawn costs no work in between.
@@ -59,14 +60,28 @@ class TaskBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The micro-batches of one optimizer step, in the schedule's order."""
+    """The micro-batches of one optimizer step: `accumulation` rounds of one batch per task of the
+    step, round after round, each in the schedule's order (`train.grad_accum_steps`)."""
 
     step: int
     batches: tuple[TaskBatch, ...]
+    accumulation: int = 1
+
+    def __post_init__(self):
+        if self.accumulation < 1 or len(self.batches) % self.accumulation:
+            raise ValueError(
+                f"StepPlan: {len(self.batches)} batches do not split into {self.accumulation} equal rounds"
+            )
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(item.task for item in self.batches)
+        """The tasks this step trains (each once, in the schedule's order)."""
+        return tuple(item.task for item in self.batches[: len(self.batches) // self.accumulation])
+
+    def rounds(self) -> list["StepPlan"]:
+        """The step's accumulation rounds, each a plan of one batch per task."""
+        size = len(self.batches) // self.accumulation
+        return [StepPlan(self.step, self.batches[i : i + size]) for i in range(0, len(self.batches), size)]
 
     def __iter__(self) -> Iterator[TaskBatch]:
         return iter(self.batches)
@@ -100,6 +115,9 @@ class MultiTaskLoader:
         pin_memory: pin batches for faster host-to-device copies.
         prefetch_factor: batches prefetched per worker (``None``: torch's default).
         worker_init_fn: called in every worker with its id.
+        accumulation: batches of each task per step (gradient accumulation): the step's tasks come from
+            the schedule at the step's index, and round r takes the task's next batch, so a step reads
+            the same samples, in the same order, as one batch of ``accumulation x batch_size`` would.
     """
 
     def __init__(
@@ -118,8 +136,11 @@ class MultiTaskLoader:
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
+        accumulation: int = 1,
     ):
         tasks = schedule.tasks
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"MultiTaskLoader: accumulation must be an int >= 1, got {accumulation!r}")
         _check_names("datasets", datasets, tasks)
         _check_names("batch_sizes", batch_sizes, tasks)
         collate_fns = dict(collate_fns or {})
@@ -147,6 +168,7 @@ class MultiTaskLoader:
 
         self.schedule = schedule
         self.batch_sizes = dict(batch_sizes)
+        self.accumulation = accumulation
         self.step = 0
         self._datasets = dict(datasets)
         self._collate_fns = {t: collate_fns.get(t, default_collate) for t in tasks}
@@ -173,13 +195,14 @@ class MultiTaskLoader:
         return self
 
     def __next__(self) -> StepPlan:
+        tasks = self.schedule.tasks_at(self.step)
         batches = tuple(
-            TaskBatch(t, next(self._batch_iterator(t))) for t in self.schedule.tasks_at(self.step)
+            TaskBatch(t, next(self._batch_iterator(t))) for _ in range(self.accumulation) for t in tasks
         )
         for task, batch in batches:
             self._samples_consumed[task] += self.batch_sizes[task]
             self._skipped[task] += count_skipped(batch)
-        plan = StepPlan(self.step, batches)
+        plan = StepPlan(self.step, batches, self.accumulation)
         self.step += 1
         return plan
 

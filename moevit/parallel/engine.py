@@ -6,7 +6,7 @@ names; optional layer-wise lr decay, a per-group `lr_scale` the LR schedule mult
 parameters split into DeepSpeed's MoE groups with
 `split_params_into_different_moe_groups_for_optimizer`, which ZeRO partitions over the
 expert-data-parallel group), a linear-warmup + cosine LR schedule stepped by the engine, and
-calls `deepspeed.initialize`. Use per optimizer step (gradient_accumulation_steps is 1):
+calls `deepspeed.initialize`. Use per optimizer step (or per round of one, moevit.train.step):
 
     outputs = {task: engine(task, batch) for task, batch in plan}   # model(task, batch) -> TaskOutput
     engine.backward(total_loss)   # one backward over the sum of task and auxiliary losses
@@ -152,7 +152,8 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         # The loop feeds its own batches; DeepSpeed only needs a consistent micro-batch count.
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
+        # Micro-batches per optimizer step: engine.backward divides each by it (moevit.train.step).
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         **deepspeed_precision_sections(resolve_precision(cfg)),

@@ -3,6 +3,7 @@
 Each task's micro-batch passes every MoE layer once per step; a bounded layer reports how many of its
 slots were over capacity (`Routing.dropped_slots`, moevit.layers.capacity). The figures are summed over
 ranks (under expert parallelism each rank drops its own overflow before the exchange) in one all-reduce,
+per micro-batch round (under gradient accumulation a step logs the mean over its rounds, as its losses),
 made only when some layer has a bound: every rank builds the same model and runs the same plan, so all
 ranks call it or none, at the same point of the step.
 """

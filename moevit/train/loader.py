@@ -39,4 +39,5 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool
         num_workers=cfg.train.num_workers,
         worker_init_fn=ignore_stop_signals,  # the main process checkpoints on SIGTERM/USR2
         pin_memory=pin_memory,
+        accumulation=cfg.train.grad_accum_steps,  # micro-batches per optimizer step, same tasks
     )

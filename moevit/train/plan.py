@@ -96,8 +96,9 @@ def plan_report(cfg: Config, gpus: int, source: str = "config") -> dict:
             "gflops_per_image": gflops,
             "gflops_backbone": flops["gflops"],
             "gflops_head": head_gflops,
-            "tokens_per_step_per_gpu": batch * flops["tokens"],
-            "tokens_per_step_global": batch * flops["tokens"] * gpus,
+            # A step reads grad_accum_steps micro-batches of `batch` per GPU (activation memory: one).
+            "tokens_per_step_per_gpu": batch * cfg.train.grad_accum_steps * flops["tokens"],
+            "tokens_per_step_global": batch * cfg.train.grad_accum_steps * flops["tokens"] * gpus,
             "step_probability": step_probability[name],
             "activation_gib_per_gpu": memory["total"] / GIB,
             "activation_gib_backbone": memory["backbone"] / GIB,
@@ -136,10 +137,10 @@ NOTES = (
     "(moevit.train.head_cost; the JSON splits the two). Tokens/step: one step "
     "that trains the task; the total weights each task by the share of steps that train it. Activation "
     "memory: analytic estimate of what one training forward keeps for the backward at the batch per GPU "
-    "and precision (bf16 for 'auto': a plan assumes GPUs), backbone + head, without parameters, "
+    "(one accumulation round) and precision (bf16 for 'auto': a plan assumes GPUs), backbone + head, without parameters, "
     "gradients and optimizer state (moevit.train.activation_memory). The per-step total sums the tasks "
-    "under strategy 'all' (one backward over all of them), else takes the largest. Epochs: batch x GPUs x "
-    "steps that train the task / train-split size; * marks the real dataset's published size, used when "
+    "under strategy 'all' (one backward over all of them), else takes the largest. Epochs: batch x grad_accum_steps x "
+    "GPUs x steps that train the task / train-split size; * marks the real dataset's published size, used when "
     "the data root is missing. Train PFLOPs: 3 x forward GFLOPs x samples."
 )
 

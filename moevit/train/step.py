@@ -4,8 +4,19 @@
           + a_mi * MI(A)                               (Mod-Squad's task-expert mutual information)
 
 One backward over the sum: the MI loss couples the tasks, so its exact gradient needs every task's graph
-at once, and DeepSpeed runs with gradient_accumulation_steps=1 whatever the number of micro-batches in
-the step.
+at once. That sum is one accumulation round.
+
+Gradient accumulation (`train.grad_accum_steps` = G, DeepSpeed's gradient_accumulation_steps): a step
+is G rounds, each one batch of every task of the step (the same tasks: moevit.data.multitask.StepPlan),
+each round its own backward, which the engine divides by G; the update comes after the last round. A
+step, in logs, checkpoints, the LR schedule and `train.steps`, is an optimizer step. The MI term is
+exact: a no-grad forward of all G rounds first gives each round's task-expert matrices, and round r's MI
+takes its own rows (with gradient) plus the other rounds' (detached), times G against the engine's 1/G,
+so the rounds' gradients sum to the gradient of MI over the whole step's statistics. That extra pass is
+run only when G > 1 and the MI coefficient is not 0 (docs/training.md quotes its cost). Head losses
+that are means over images (classification, RetinaNet's per-image normalisation) average exactly; the
+segmentation loss divides by each round's valid pixels and the load-balance loss is a product of
+per-round means, so those two equal the big batch's only when the rounds are alike (docs/training.md).
 
 MI across ranks: per MoE layer the statistics A[t, e] (router probability mass) are summed over all
 ranks, value-wise, while the gradient flows through this rank's tokens only:
@@ -21,9 +32,10 @@ get the gradient of the full I(T; E). A step that trains every task uses its own
 Every rank runs the same plan (same tasks, same order), so the all-to-alls inside MoE layers and the
 two all-reduces here pair up on every rank.
 
-Non-finite losses: the logged scalars are reduced over ranks before the backward, together with a count
-of ranks whose objective is NaN or inf. If any rank has one, every rank skips the backward and the
-optimizer step of this step together (same answer from the same all-reduce, so replicas never diverge
+Non-finite losses: the logged scalars are reduced over ranks before each round's backward, together with
+a count of ranks whose objective is NaN or inf. If any rank has one, every rank skips that backward, the
+step's remaining rounds and its optimizer step together, and drops the gradients of the rounds already
+run (moevit.parallel.accumulation) (same answer from the same all-reduce, so replicas never diverge
 and no collective is left unpaired); the step is counted, and `max_bad_steps` consecutive skipped steps
 stop training with `NonFiniteLossError`. Tests inject such losses through moevit.faults.
 """
@@ -41,6 +53,7 @@ from moevit.data.multitask import StepPlan
 from moevit.faults import injected_loss
 from moevit.layers import load_balance_loss, mean_mutual_information_loss, router_z_loss, task_expert_matrices
 from moevit.layers.router import Routing
+from moevit.parallel.accumulation import discard_accumulated_gradients, mark_boundary
 from moevit.parallel.collectives import all_reduce_sum, rank
 from moevit.train.dropped_slots import dropped_slots_over_ranks
 from moevit.train.errors import NonFiniteLossError
@@ -110,7 +123,59 @@ class MultiTaskStep:
         self.consecutive_skipped = state["consecutive_skipped"]
 
     def __call__(self, plan: StepPlan, weights: Mapping[str, float], step: int | None = None) -> StepResult:
-        """Runs the step; `step` (1-based) only serves fault injection (moevit.faults)."""
+        """Runs the step (its `plan.accumulation` micro-batch rounds); `step` (1-based) only serves fault
+        injection (moevit.faults)."""
+        rounds = plan.rounds()
+        others = self.other_rounds_statistics(rounds) if len(rounds) > 1 else [None]
+        results: list[StepResult] = []
+        step_matrices: list[torch.Tensor] | None = None
+        counts: dict[str, dict[str, torch.Tensor]] = {}
+        for index, micro_plan in enumerate(rounds):
+            last = index == len(rounds) - 1
+            # A fault strikes the last round: the earlier rounds' gradients are then in the engine.
+            result, matrices, routing_by_task, total = self.forward_round(
+                micro_plan, weights, others[index], len(rounds), step if last else None
+            )
+            results.append(result)
+            if result.skipped:
+                if index > 0:
+                    discard_accumulated_gradients(self.engine)
+                break
+            mark_boundary(self.engine, last)
+            self.engine.backward(total)
+            self.engine.step()
+            if matrices is not None:
+                step_matrices = (
+                    matrices if step_matrices is None else [a + b for a, b in zip(step_matrices, matrices)]
+                )
+            for layer in routing_by_task[micro_plan.tasks[0]]:
+                for task in micro_plan.tasks:
+                    counts_E = routing_by_task[task][layer].counts_E.detach().cpu()
+                    by_task = counts.setdefault(layer, {})
+                    by_task[task] = by_task[task] + counts_E if task in by_task else counts_E
+        result = combine_rounds(results)
+        if result.skipped:
+            self.record_skipped(step)
+        else:
+            self.consecutive_skipped = 0
+            if step_matrices is not None:  # a skipped step's statistics may hold the NaN: not kept
+                self.task_expert_mass.update(step_matrices, plan.tasks)
+        result.expert_counts = counts
+        result.skipped_steps = self.skipped_steps
+        for task in plan.tasks:
+            result.task_losses[task]["weight"] = weights[task]
+        return result
+
+    def forward_round(
+        self,
+        plan: StepPlan,
+        weights: Mapping[str, float],
+        other_rounds: list[torch.Tensor] | None,
+        num_rounds: int,
+        step: int | None,
+    ) -> tuple[StepResult, list[torch.Tensor] | None, dict[str, dict[str, Routing]], torch.Tensor]:
+        """One micro-batch round's forwards and objective (before DeepSpeed divides it by `num_rounds`),
+        its logged scalars reduced over ranks, its all-rank task-expert matrices (detached)."""
         task_total = torch.zeros((), device=self.device)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         routing_by_task: dict[str, dict[str, Routing]] = {}
@@ -124,32 +189,52 @@ class MultiTaskStep:
             )
             task_total = task_total + objective
             routing_by_task[task] = output.routing
-        mutual_information, step_matrices = self.mutual_information(routing_by_task)
+        mutual_information, matrices = self.mutual_information(routing_by_task, other_rounds)
         total = task_total
         if mutual_information is not None:
-            total = total + self.aux_loss.mutual_information * self.world_size * mutual_information
+            # MI is one term of the step, not a mean over rounds: undo the engine's 1/num_rounds.
+            scale = self.world_size * num_rounds
+            total = total + self.aux_loss.mutual_information * scale * mutual_information
         injected = injected_loss(rank(), step) if step is not None else None
         if injected is not None:
             total = total + injected
         result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
         for task, drops in dropped_slots_over_ranks(routing_by_task, self.device).items():
             result.task_losses[task].update(drops)  # logged with the task's losses (capacity bound only)
-        if result.skipped:
-            self.record_skipped(step)
-        else:
-            self.consecutive_skipped = 0
-            self.engine.backward(total)
-            self.engine.step()
-            if step_matrices is not None:  # a skipped step's statistics may hold the NaN: not kept
-                self.task_expert_mass.update(step_matrices, plan.tasks)
-        result.skipped_steps = self.skipped_steps
-        for task in plan.tasks:
-            result.task_losses[task]["weight"] = weights[task]
-        result.expert_counts = {
-            layer: {task: routing_by_task[task][layer].counts_E.detach().cpu() for task in plan.tasks}
-            for layer in routing_by_task[plan.tasks[0]]
-        }
-        return result
+        return result, matrices, routing_by_task, total
+
+    @torch.no_grad()
+    def other_rounds_statistics(self, rounds: list[StepPlan]) -> list[list[torch.Tensor] | None]:
+        """Exact MI under accumulation: a no-grad forward of every round first, giving each round's
+        all-rank task-expert matrices; round r's MI then sees its own rows (with gradient) plus the sum
+        of the other rounds' rows (detached), i.e. the whole step's statistics, and the rounds' gradients
+        add up to the gradient of MI over the whole step. Costs one forward of the step without graph."""
+        if self.aux_loss.mutual_information == 0:
+            return [None] * len(rounds)
+        per_round = []
+        # The pass draws from a fork of the RNG streams: the forwards with gradient then draw the same
+        # dropout / drop-path masks as this pass did (same order of draws), so these statistics are
+        # theirs, and the run's random stream does not depend on whether MI is on.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for plan in rounds:
+                routing_by_task = {
+                    task: self.engine(task, move_batch(batch, self.device)).routing for task, batch in plan
+                }
+                if not any(routing_by_task.values()):
+                    return [None] * len(rounds)
+                per_round.append(self.all_rank_matrices(routing_by_task))
+        total = [sum(layer) for layer in zip(*per_round)]
+        return [[t - own for t, own in zip(total, matrices)] for matrices in per_round]
+
+    def all_rank_matrices(self, routing_by_task: dict[str, dict[str, Routing]]) -> list[torch.Tensor]:
+        """Per MoE layer, the (tasks, experts) router mass summed over ranks (gradient: this rank's)."""
+        matrices = task_expert_matrices(
+            {task: list(routing.values()) for task, routing in routing_by_task.items()}, self.tasks
+        )
+        # One collective for all layers: flatten, reduce, split back.
+        flat = globally_summed(torch.cat([m.flatten() for m in matrices]))
+        return [chunk.view_as(m) for chunk, m in zip(flat.split([m.numel() for m in matrices]), matrices)]
 
     def record_skipped(self, step: int | None) -> None:
         self.skipped_steps += 1
@@ -176,21 +261,22 @@ class MultiTaskStep:
         return objective, parts
 
     def mutual_information(
-        self, routing_by_task: dict[str, dict[str, Routing]]
+        self,
+        routing_by_task: dict[str, dict[str, Routing]],
+        other_rounds: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
-        """MI of the all-rank task-expert statistics, averaged over MoE layers, with the rows of tasks
-        this step did not train taken from the running estimate; and this step's all-rank matrices
-        (detached), which update that estimate once the step is known to be finite."""
+        """MI of the all-rank task-expert statistics, averaged over MoE layers, with the other
+        accumulation rounds' rows added (detached) and the rows of tasks this step did not train taken
+        from the running estimate; and this round's all-rank matrices (detached), which update that
+        estimate once the step is known to be finite."""
         if self.aux_loss.mutual_information == 0 or not any(routing_by_task.values()):
             return None, None
-        matrices = task_expert_matrices(
-            {task: list(routing.values()) for task, routing in routing_by_task.items()}, self.tasks
-        )
-        # One collective for all layers: flatten, reduce, split back.
-        flat = globally_summed(torch.cat([m.flatten() for m in matrices]))
-        matrices = [chunk.view_as(m) for chunk, m in zip(flat.split([m.numel() for m in matrices]), matrices)]
-        completed = self.task_expert_mass.complete(matrices, routing_by_task.keys())
-        loss = mean_mutual_information_loss(completed, self.task_prior_T.to(flat.device))
+        matrices = self.all_rank_matrices(routing_by_task)
+        step_matrices = matrices
+        if other_rounds is not None:
+            step_matrices = [own + other.detach() for own, other in zip(matrices, other_rounds)]
+        completed = self.task_expert_mass.complete(step_matrices, routing_by_task.keys())
+        loss = mean_mutual_information_loss(completed, self.task_prior_T.to(matrices[0].device))
         return loss, [m.detach() for m in matrices]
 
     def reduce_over_ranks(
@@ -220,3 +306,23 @@ class MultiTaskStep:
         )
         skipped = summed[len(names) + 2] > 0  # ranks with a non-finite objective
         return StepResult(task_losses, mi_value, total, images=round(summed[len(names) + 1]), skipped=skipped)
+
+
+def combine_rounds(results: list[StepResult]) -> StepResult:
+    """The step's figures from its rounds' (each already a mean over ranks): losses and MI are means
+    over the rounds run (what the engine's 1/num_rounds scaling optimises), images their sum."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    task_losses = {
+        task: {name: sum(r.task_losses[task][name] for r in results) / len(results) for name in named}
+        for task, named in first.task_losses.items()
+    }
+    mi = (
+        None
+        if first.mutual_information is None
+        else sum(r.mutual_information for r in results) / len(results)
+    )
+    total = sum(r.total for r in results) / len(results)
+    images = sum(r.images for r in results)
+    return StepResult(task_losses, mi, total, images, skipped=any(r.skipped for r in results))

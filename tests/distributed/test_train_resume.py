@@ -26,7 +26,9 @@ def train_worker(config: dict, resume: str | None) -> dict:
     return run_training(build_config(Config, config), resume)
 
 
-def make_config(tiny_config, data_root, output_dir, steps: int, sampling: str, num_workers: int) -> dict:
+def make_config(
+    tiny_config, data_root, output_dir, steps: int, sampling: str, num_workers: int, grad_accum_steps: int = 1
+) -> dict:
     """The run's config, built in the test's process by the `tiny_config` fixture (passed in)."""
     return tiny_config(
         data_root,
@@ -42,6 +44,7 @@ def make_config(tiny_config, data_root, output_dir, steps: int, sampling: str, n
             "eval_batches": 1,
             "checkpoint_every": HALF,
             "num_workers": num_workers,
+            "grad_accum_steps": grad_accum_steps,
             "optim": {"warmup_steps": 2 * HALF},
             "loss_balancing": {"method": "uncertainty", "lr": 0.1},
             "sampling": {"strategy": sampling},
@@ -59,10 +62,14 @@ def records(run_dir) -> list[dict]:
 # round_robin: one task per step, so the MI loss of every step after the first takes the other task's
 # rows from the running estimate, which the checkpoint must carry for the resumed step to match.
 # One DataLoader worker per task is how users run (augmentation is seeded per sample, moevit.data.seeding);
-# the variant without workers stays.
-@pytest.mark.parametrize(("sampling", "num_workers"), [("all", 0), ("all", 1), ("round_robin", 1)])
+# the variant without workers stays. With gradient accumulation (2 rounds a step) the loader's position,
+# the MI statistics pass (which forks the RNG) and the running estimate must all resume exactly too.
+@pytest.mark.parametrize(
+    ("sampling", "num_workers", "grad_accum_steps"),
+    [("all", 0, 1), ("all", 1, 1), ("round_robin", 1, 1), ("round_robin", 0, 2)],
+)
 def test_two_halves_with_resume_equal_one_straight_run(
-    tmp_path, synth_root, tiny_config, run_workers, sampling, num_workers
+    tmp_path, synth_root, tiny_config, run_workers, sampling, num_workers, grad_accum_steps
 ):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     for run_dir, steps, resume in (
@@ -70,7 +77,7 @@ def test_two_halves_with_resume_equal_one_straight_run(
         (halves, HALF, None),
         (halves, 2 * HALF, "auto"),
     ):
-        config = make_config(tiny_config, synth_root, run_dir, steps, sampling, num_workers)
+        config = make_config(tiny_config, synth_root, run_dir, steps, sampling, num_workers, grad_accum_steps)
         run_workers(train_worker, 2, 150, config=config, resume=resume)
 
     expected, got = records(straight), records(halves)

@@ -164,3 +164,61 @@ def test_bad_configuration_is_refused():
         MultiTaskLoader(datasets, {"cls": 2, "det": 2}, {"seg": list}, schedule)
     with pytest.raises(ValueError, match="persistent_workers and prefetch_factor need num_workers > 0"):
         MultiTaskLoader(datasets, {"cls": 2, "det": 2}, None, schedule, persistent_workers=True)
+
+
+def samples_per_step(loader: MultiTaskLoader, num_steps: int) -> list[tuple[int, tuple[str, ...], dict]]:
+    """Per step: its tasks and each task's sample ids, concatenated over the step's rounds."""
+    steps = []
+    for _, plan in zip(range(num_steps), loader):
+        ids: dict[str, list[int]] = {}
+        for task, batch in plan:
+            ids.setdefault(task, []).extend(batch["id"].tolist())
+        steps.append((plan.step, plan.tasks, ids))
+    return steps
+
+
+def test_accumulation_reads_the_samples_of_one_batch_of_g_times_b_with_the_steps_tasks():
+    accumulated = make_loader(accumulation=2)
+    plans = [next(accumulated) for _ in range(3)]
+    assert all(len(plan.rounds()) == 2 for plan in plans)
+    assert all(p.tasks == r.tasks for p in plans for r in p.rounds())  # every round trains the step's tasks
+    big = MultiTaskLoader(
+        {t: IndexDataset(n) for t, n in SIZES.items()},
+        {t: 2 * b for t, b in BATCH_SIZES.items()},
+        None,
+        TaskSchedule(tuple(SIZES), "weighted", seed=1),
+        seed=2,
+    )
+    assert samples_per_step(make_loader(accumulation=2), 10) == samples_per_step(big, 10)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_accumulation_replays_the_identical_sample_order(num_workers):
+    steps = 5
+    uninterrupted = run(make_loader(num_workers=num_workers, accumulation=3), 2 * steps)
+    first = make_loader(num_workers=num_workers, accumulation=3)
+    first_half = run(first, steps)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    assert state["step"] == steps  # optimizer steps, whatever the accumulation
+    second = make_loader(num_workers=num_workers, accumulation=3)
+    second.load_state_dict(state)
+    second_half = run(second, steps)
+    second.close()
+    assert first_half + second_half == uninterrupted
+
+
+def test_changing_the_accumulation_on_resume_continues_the_sample_streams():
+    # A resumed run may change train.grad_accum_steps: the step index and every task's sample position
+    # carry over, so the streams continue where they stopped, only G x B samples a step instead.
+    first = make_loader("all", accumulation=2)
+    run(first, 2)
+    second = make_loader("all", accumulation=1)
+    second.load_state_dict(first.state_dict())
+    continued = samples_per_step(second, 1)[0]
+    reference = samples_per_step(make_loader("all", accumulation=1), 5)
+    for task in SIZES:
+        ids = [i for _, _, by_task in reference for i in by_task[task]]
+        assert continued[2][task] == ids[4 * BATCH_SIZES[task] : 5 * BATCH_SIZES[task]]
+    with pytest.raises(ValueError, match="accumulation must be an int >= 1"):
+        make_loader(accumulation=0)
