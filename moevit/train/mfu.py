@@ -66,6 +66,14 @@ def precision_name(dtype: torch.dtype, tf32_matmuls: bool) -> Precision:
     return "tf32" if tf32_matmuls else "fp32"
 
 
+def tf32_matmuls_enabled() -> bool:
+    """Whether fp32 CUDA matmuls run on TF32 tensor cores. Read through the new `fp32_precision` API:
+    once TF32 was set through it, torch raises on reading the legacy `allow_tf32` flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def device_peak_tflops(device_name: str, precision: Precision) -> tuple[str, float] | None:
     """(the table's label, dense peak TFLOPS) of the first `PEAK_TFLOPS` entry matching `device_name`
     (as torch.cuda.get_device_name reports it, e.g. "NVIDIA H100 80GB HBM3"), or None when no entry
@@ -88,7 +96,7 @@ def run_peak_tflops(cfg: Config, device: torch.device) -> tuple[float | None, st
     if device.type != "cuda":
         return None, f"MFU not logged: no peak FLOP/s known for device '{device.type}'; set train.peak_tflops"
     name = torch.cuda.get_device_name(device)
-    precision = precision_name(resolve_precision(cfg), torch.backends.cuda.matmul.allow_tf32)
+    precision = precision_name(resolve_precision(cfg), tf32_matmuls_enabled())
     found = device_peak_tflops(name, precision)
     if found is None:
         return None, f"MFU not logged: no {precision} peak listed for '{name}'; set train.peak_tflops"

@@ -12,6 +12,7 @@ from moevit.train.mfu import (
     model_flops_utilization,
     precision_name,
     run_peak_tflops,
+    tf32_matmuls_enabled,
     training_flops,
 )
 from moevit.train.plan import build_meta_model, plan_report
@@ -94,3 +95,29 @@ def test_forward_flops_are_plans(tiny_config, synth_root):
 def test_peak_tflops_must_be_positive(tiny_config, synth_root, value):
     with pytest.raises(ConfigError, match="peak_tflops"):
         tiny(tiny_config, synth_root, peak_tflops=value)
+
+
+def test_tf32_is_read_whichever_api_set_it():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # the new API: reading the legacy allow_tf32 would now raise
+        assert tf32_matmuls_enabled()
+        matmul.fp32_precision = "ieee"
+        assert not tf32_matmuls_enabled()
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_flops_are_the_same_once_the_experts_are_sharded(tiny_config, synth_root):
+    # moevit finetune and continual runs hand the loop a model whose experts are already wrapped for
+    # expert parallelism (moevit.parallel.expert_parallel); the count must not depend on it.
+    from moevit.factory import build_model
+    from moevit.parallel.expert_parallel import apply_expert_parallel
+
+    cfg = tiny(tiny_config, synth_root)
+    model = build_model(cfg)
+    sizes = {name: task.image_size for name, task in cfg.tasks.items()}
+    whole = forward_gflops_per_image(model, sizes)
+    apply_expert_parallel(model, 1)
+    assert forward_gflops_per_image(model, sizes) == pytest.approx(whole)
