@@ -393,6 +393,22 @@ class LossBalancingConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging of the metrics.jsonl records (moevit.train.wandb_sink), from rank 0.
+
+    Needs the `wandb` package; a run that asks for it without the package stops before training."""
+
+    enabled: bool = False
+    project: str = "moevit"
+    name: str | None = None  # None: wandb picks one
+    mode: Literal["offline", "online"] = "offline"  # offline: files under the run dir, `wandb sync` later
+
+    def validate(self) -> None:
+        if not self.project:
+            raise ValueError("project must not be empty")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     log_every: int = 10
@@ -413,6 +429,10 @@ class TrainConfig:
     # gradient_accumulation_steps) and activation checkpointing of every transformer block.
     grad_accum_steps: int = 1
     activation_checkpointing: bool = False
+    # One device's dense peak TFLOPS at the run's precision, for the logged MFU (moevit.train.mfu); None:
+    # the table of common GPUs by device name, and no MFU on a device it does not list (or on CPU).
+    peak_tflops: float | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_balancing: LossBalancingConfig = field(default_factory=LossBalancingConfig)
@@ -428,6 +448,8 @@ class TrainConfig:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
         if not 0 <= self.usage_ema_decay < 1:
             raise ValueError(f"usage_ema_decay must be in [0, 1), got {self.usage_ema_decay}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
 
 
 @dataclass

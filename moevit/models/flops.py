@@ -187,7 +187,9 @@ def _count_mlp(macs: Counter[str], mlp: nn.Module, tokens: int, name: str) -> No
         rows = tokens * mlp.top_k
         experts = mlp.experts
         macs["routers"] += tokens * experts.dim * mlp.num_experts
-        macs["mlp_experts"] += rows * (experts.fc1_weight[0].numel() + experts.fc2_weight[0].numel())
+        # fc1 (hidden x dim) and fc2 (dim x hidden) per row, from the sizes rather than the weights: a
+        # training run counts its model after the experts were sharded over ranks (moevit.parallel).
+        macs["mlp_experts"] += rows * 2 * experts.dim * experts.hidden
         macs["expert_combine"] += rows * experts.dim
     elif isinstance(mlp, Mlp):
         macs["mlp_dense"] += _linear_macs(mlp, tokens)

@@ -135,6 +135,7 @@ class ExpertParallelExperts(MoE):
         if experts.num_experts % ep_size:
             raise ValueError(f"ep_size={ep_size} does not divide the layer's {experts.num_experts} experts")
         self.num_experts = experts.num_experts
+        self.dim, self.hidden = experts.dim, experts.hidden  # what the FLOP count reads (moevit.train.mfu)
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.num_local_experts = experts.num_experts // ep_size

@@ -5,28 +5,44 @@ metrics.jsonl holds one JSON object per line, each with ``step`` (optimizer step
 
     {"step": 10, "split": "train", "task": "imagenet", "loss": 2.1, "load_balance": 1.0, "z_loss": 0.0, "weight": 1.0}
     {"step": 10, "split": "train", "task": null, "total_loss": 5.3, "mutual_information": -0.01, "lr": 0.001,
-     "images_per_second": 210.4, "nonfinite_steps_skipped": 0}
+     "images_per_second": 210.4, "nonfinite_steps_skipped": 0, "step_seconds": 0.21, "data_wait_share": 0.02,
+     "eta_seconds": 3150.0, "model_tflops_per_device": 301.2, "mfu": 0.304}
     {"step": 10, "split": "eval", "task": "imagenet", "top1": 0.31, "top5": 0.82}
 
 Train values are means over ranks and over the steps since the previous line (steps skipped for a NaN
-or inf loss are left out of the means; ``nonfinite_steps_skipped`` counts them since the run began); eval metrics are fractions
-in [0, 1]. TensorBoard gets the same values under ``train/<task>/<key>``, ``train/<key>`` and
-``eval/<task>/<metric>`` in ``tb/``. On resume from step S, lines and events after S are dropped
-first, so the files read as one uninterrupted run.
+or inf loss are left out of the means; ``nonfinite_steps_skipped`` counts them since the run began); eval
+metrics are fractions in [0, 1]. The speed fields (per task ``images_per_second``; per step
+``step_seconds``, ``data_wait_share``, ``eta_seconds``, ``model_tflops_per_device``, ``mfu``) cover the
+same window (moevit.train.throughput). TensorBoard, and any other sink (a wandb run), get the same values
+under ``train/<task>/<key>``, ``train/<key>`` and ``eval/<task>/<metric>`` in ``tb/``. On resume from
+step S, lines and events after S are dropped first, so the files read as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from moevit.train.step import StepResult
+from moevit.train.throughput import Throughput, format_duration
+
+# The bar without tqdm's own remaining time (from its smoothed rate, evaluations included): the postfix
+# starts with the ETA of moevit.train.throughput instead, the figure metrics.jsonl records.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
+class MetricSink(Protocol):
+    """Another destination of every record (moevit.train.wandb_sink): flat {name: value} at a step."""
+
+    def log(self, values: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def drop_lines_after(metrics_file: Path, step: int) -> None:
@@ -47,6 +63,8 @@ class RunLogger:
         start_step: steps already done (0, or the resumed checkpoint's step).
         log_every: steps averaged into one metrics.jsonl/TensorBoard record.
         enabled: whether this process reports (rank 0).
+        throughput: the speed fields' accumulator; None: one without FLOPs (no MFU).
+        sinks: more destinations of every record, each value named as in TensorBoard (rank 0's).
     """
 
     def __init__(
@@ -57,8 +75,12 @@ class RunLogger:
         start_step: int,
         log_every: int,
         enabled: bool,
+        throughput: Throughput | None = None,
+        sinks: Sequence[MetricSink] = (),
     ):
         self.enabled = enabled
+        self.throughput = throughput or Throughput(total_steps)
+        self.sinks = list(sinks)
         self.log_every = log_every
         self._sums: dict[tuple[str | None, str], float] = defaultdict(float)
         self._counts: dict[tuple[str | None, str], int] = defaultdict(int)
@@ -72,14 +94,30 @@ class RunLogger:
         self._metrics = open(metrics_file, "a", encoding="utf-8")
         # purge_step hides events a crashed run wrote after the checkpoint it resumes from.
         self._tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            bar_format=BAR_FORMAT,
+        )
 
     def log_step(
-        self, step: int, result: StepResult, lr: float, seconds: float, skipped: Mapping[str, int]
+        self,
+        step: int,
+        result: StepResult,
+        lr: float,
+        seconds: float,
+        skipped: Mapping[str, int],
+        data_wait: float = 0.0,
+        task_images: Mapping[str, int] | None = None,
     ) -> None:
         """Records one step; writes a record every `log_every` steps; updates the bar every step.
 
-        `skipped`: corrupt samples skipped so far per task, over all ranks (moevit.data.skip).
+        `skipped`: corrupt samples skipped so far per task, over all ranks (moevit.data.skip);
+        `data_wait`: the seconds of `seconds` spent waiting for the batch; `task_images`: {task: images
+        of this step over all ranks}.
         """
         if not self.enabled:
             return
@@ -96,7 +134,9 @@ class RunLogger:
                 self._add(None, "mutual_information", result.mutual_information)
         self._images += result.images
         self._seconds += seconds
+        self.throughput.add(seconds, data_wait, task_images or {})
         self._bar.set_postfix_str(
+            f"eta {format_duration(self.throughput.eta_seconds(step))}, "
             f"{result.images / max(seconds, 1e-9):.0f} img/s "
             + " ".join(f"{task}={values['loss']:.3f}" for task, values in result.task_losses.items()),
             refresh=False,
@@ -118,6 +158,10 @@ class RunLogger:
         records[None]["lr"] = lr
         records[None]["nonfinite_steps_skipped"] = self._nonfinite_skipped
         records[None]["images_per_second"] = self._images / max(self._seconds, 1e-9)
+        per_task_speed, step_speed = self.throughput.record(step)
+        for task, values in per_task_speed.items():
+            records[task].update(values)
+        records[None].update(step_speed)
         tasks = [task for task in records if task is not None] + [None]
         for task in tasks:
             self._write(step, "train", task, records[task])
@@ -147,9 +191,13 @@ class RunLogger:
         prefix = f"{split}/{task}/" if task is not None else f"{split}/"
         for key, value in values.items():
             self._tb.add_scalar(prefix + key, value, step)
+        for sink in self.sinks:
+            sink.log({prefix + key: value for key, value in values.items()}, step)
 
     def close(self) -> None:
         if self.enabled:
             self._bar.close()
             self._tb.close()
             self._metrics.close()
+            for sink in self.sinks:
+                sink.close()

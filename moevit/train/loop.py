@@ -21,7 +21,7 @@ from moevit.artifacts.init import write_init_report
 from moevit.artifacts.run_dir import RunDir, check_output_dir, prepare_run_dir
 from moevit.config.schema import Config
 from moevit.data.coverage import epochs_covered
-from moevit.data.multitask import MultiTaskLoader
+from moevit.data.multitask import MultiTaskLoader, StepPlan
 from moevit.data.seeding import derive_seed
 from moevit.fileio import write_text_atomically
 from moevit.models.moe_vit import set_activation_checkpointing
@@ -32,10 +32,13 @@ from moevit.parallel.env import detect_environment
 from moevit.parallel.setup import device_for, initialize_distributed
 from moevit.train.hooks import CheckpointHook, EvaluationHook
 from moevit.train.logging import RunLogger
+from moevit.train.mfu import forward_gflops_per_image, run_peak_tflops
 from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model, start_from_init
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
 from moevit.train.state import TrainState, build_train_state
+from moevit.train.throughput import Throughput
+from moevit.train.wandb_sink import WandbSink, check_wandb_available
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -46,10 +49,18 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(rank_seed)
 
 
-def skipped_samples_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
-    """Each rank's loader counts its own corrupt samples; the run reports their sum."""
-    summed = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
-    return {task: round(total) for task, total in zip(counts, summed.tolist())}
+def counts_over_ranks(
+    skipped: dict[str, int], plan: StepPlan, device: torch.device
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Sums over ranks, in one all-reduce, of each rank's corrupt samples so far (its loader counts its
+    own) and of this step's images per task (`plan`; a rank's batch may be short): ({task: skipped},
+    {task: images}), every task of the loader in both."""
+    images = dict.fromkeys(skipped, 0)
+    for task, batch in plan:
+        images[task] += batch["images"].shape[0]
+    local = torch.tensor([*skipped.values(), *images.values()], dtype=torch.float64, device=device)
+    summed = [round(total) for total in all_reduce_sum(local).tolist()]
+    return dict(zip(skipped, summed[: len(skipped)])), dict(zip(images, summed[len(skipped) :]))
 
 
 def coverage_lines(train_cfg: Config, loader: MultiTaskLoader, world_size: int) -> list[str]:
@@ -61,12 +72,15 @@ def coverage_lines(train_cfg: Config, loader: MultiTaskLoader, world_size: int) 
 
 def train_one_step(state: TrainState, engine, logger: RunLogger, step: int, device: torch.device) -> None:
     started = time.perf_counter()
-    result = state.train_step(next(state.loader), state.balancer.weights(), step)
+    plan = next(state.loader)
+    data_wait = time.perf_counter() - started  # the main process idle until the workers hand a batch
+    result = state.train_step(plan, state.balancer.weights(), step)
     if not result.skipped:  # a NaN/inf step updated nothing; its losses would poison the balancer
         state.balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
         state.usage.add(result.expert_counts)
-    skipped = skipped_samples_over_ranks(state.loader.skipped_counts(), device)
-    logger.log_step(step, result, engine.get_lr()[0], time.perf_counter() - started, skipped)
+    skipped, task_images = counts_over_ranks(state.loader.skipped_counts(), plan, device)
+    seconds = time.perf_counter() - started
+    logger.log_step(step, result, engine.get_lr()[0], seconds, skipped, data_wait, task_images)
 
 
 def run_training(
@@ -86,6 +100,7 @@ def run_training(
     """
     run = RunDir(Path(cfg.output_dir))
     check_output_dir(cfg, resume)
+    check_wandb_available(cfg, source)
     checkpoint = resolve_resume(resume, run.root)
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
@@ -93,6 +108,10 @@ def run_training(
     # replaces every weight, so the init file is not read (nor needed) again.
     init_report = start_from_init(model, cfg) if checkpoint is None else None
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    # Counted on the whole model: the engine shards the experts under expert parallelism.
+    gflops = forward_gflops_per_image(
+        model, {name: t.image_size for name, t in cfg.training_view().tasks.items()}
+    )
     env = initialize_distributed(cfg)
     device = device_for(env)
     engine = build_engine(model, cfg, env)  # shards the experts over parallel.ep_size ranks first
@@ -106,8 +125,14 @@ def run_training(
         start_step = state.restore(load_checkpoint(engine, checkpoint.run_root, checkpoint.tag))
 
     last = cfg.train.steps
-    logger = RunLogger(run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process())
+    peak, peak_line = run_peak_tflops(cfg, device)
+    throughput = Throughput(last, env.world_size, gflops, peak)
+    sinks = [WandbSink(cfg, run.root)] if is_main_process() and cfg.train.wandb.enabled else []
+    logger = RunLogger(
+        run.metrics_file, run.tb, last, start_step, cfg.train.log_every, is_main_process(), throughput, sinks
+    )
     if is_main_process():
+        logger.message(peak_line)
         for line in coverage_lines(cfg.training_view(), state.loader, env.world_size):
             logger.message(line)
     if checkpoint is not None:

@@ -21,6 +21,7 @@ from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.layout import check_layout
+from moevit.train.wandb_sink import check_wandb_available
 
 
 def build_checked_model(cfg: Config, world_size: int, source: str = "config") -> MultiTaskModel:
@@ -40,6 +41,7 @@ def build_checked_model(cfg: Config, world_size: int, source: str = "config") ->
     for name, task in cfg.tasks.items():
         if not Path(task.data.root).is_dir():
             raise ConfigError(source, f"'tasks.{name}.data.root': {task.data.root} is not a directory")
+    check_wandb_available(cfg, source)  # before a job is submitted or workers spawn, not at step 1
     torch.manual_seed(cfg.seed)  # every rank builds identical weights; EP then keeps each rank's shard
     try:
         model = build_model(cfg)

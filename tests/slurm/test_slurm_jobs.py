@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from moevit.parallel.checkpoint import find_latest_checkpoint
+from moevit.train.throughput import WALL_CLOCK_FIELDS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -94,7 +95,7 @@ def records(output_dir) -> list[dict]:
     if not path.exists():
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]  # wall clock
+    return [{k: v for k, v in line.items() if k not in WALL_CLOCK_FIELDS} for line in lines]
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,42 @@ def test_other_ranks_write_nothing(tmp_path):
     logger.log_eval(1, {"a": {"top1": 0.5}})
     logger.close()
     assert list(tmp_path.iterdir()) == []
+
+
+class RecordingSink:
+    def __init__(self):
+        self.logged, self.closed = [], False
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def close(self):
+        self.closed = True
+
+
+def test_speed_fields_reach_metrics_tensorboard_and_sinks(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moevit.train.throughput import Throughput
+
+    sink = RecordingSink()
+    speed = Throughput(total_steps=10, world_size=2, gflops_per_image={"a": 1.0, "b": 1.0}, peak_tflops=1.0)
+    logger = RunLogger(tmp_path / "metrics.jsonl", tmp_path / "tb", 10, 0, 2, True, speed, [sink])
+    logger.log_step(
+        1, result(1.0), 0.1, seconds=1.0, skipped=NONE_SKIPPED, data_wait=0.5, task_images={"a": 4}
+    )
+    logger.log_step(
+        2, result(1.0), 0.1, seconds=1.0, skipped=NONE_SKIPPED, data_wait=0.0, task_images={"a": 4, "b": 2}
+    )
+    logger.log_eval(2, {"a": {"top1": 0.5}})
+    logger.close()
+    a, b, step, _ = read_lines(tmp_path / "metrics.jsonl")
+    assert a["images_per_second"] == 4.0 and b["images_per_second"] == 1.0
+    assert step["step_seconds"] == 1.0 and step["data_wait_share"] == 0.25 and step["eta_seconds"] == 8.0
+    assert step["mfu"] == pytest.approx(3 * 10e9 / (2.0 * 2 * 1e12))
+    assert {"train/step_seconds", "train/mfu", "train/a/images_per_second"} <= set(
+        EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
+    )
+    (_, task_a), (_, _), (_, whole_step) = sink.logged[:3]  # in the order of the metrics.jsonl lines
+    assert task_a["train/a/images_per_second"] == 4.0 and whole_step["train/mfu"] == step["mfu"]
+    assert sink.logged[3] == (2, {"eval/a/top1": 0.5}) and sink.closed
