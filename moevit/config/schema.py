@@ -50,6 +50,10 @@ class MoEConfig:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.attention_experts is not None and self.attention_experts < 0:
             raise ValueError(f"attention_experts must be >= 0, got {self.attention_experts}")
+        if self.gate_init_std is not None and not self.gate_init_std >= 0:
+            raise ValueError(f"gate_init_std must be >= 0 (0: zero gates), got {self.gate_init_std}")
+        if self.router_jitter is not None and not 0 <= self.router_jitter < 1:
+            raise ValueError(f"router_jitter must be in [0, 1) (0: off), got {self.router_jitter}")
 
 
 @dataclass

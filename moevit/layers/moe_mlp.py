@@ -14,7 +14,7 @@ from torch import nn
 
 from moevit.layers.dispatch import combine, dispatch, plan_dispatch
 from moevit.layers.experts import GroupedExperts
-from moevit.layers.router import Routing, TaskRouter
+from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
 
 
 class MoEMlp(nn.Module):
@@ -30,6 +30,8 @@ class MoEMlp(nn.Module):
         bias: expert linear biases.
         task_experts: task -> n: that task routes among experts 0..n-1 only (continual learning; see
             moevit.layers.router); other tasks route among all E.
+        gate_init_std, router_jitter: the router's gate initialisation and training-only input jitter
+            (moevit.layers.router).
     """
 
     routes_tasks = True  # forward takes (x, task) and returns (y, Routing)
@@ -44,9 +46,11 @@ class MoEMlp(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
         task_experts: Mapping[str, int] | None = None,
+        gate_init_std: float = DEFAULT_GATE_INIT_STD,
+        router_jitter: float = 0.0,
     ):
         super().__init__()
-        self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts)
+        self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts, gate_init_std, router_jitter)
         self.experts = GroupedExperts(num_experts, dim, expert_hidden, act_layer, bias)
 
     @property

@@ -43,6 +43,7 @@ from moevit.layers import load_balance_loss, mean_mutual_information_loss, route
 from moevit.layers.router import Routing
 from moevit.parallel.collectives import all_reduce_sum, rank
 from moevit.train.errors import NonFiniteLossError
+from moevit.train.expert_load import expert_load_ratios
 from moevit.train.task_expert_estimate import RunningTaskRows
 
 
@@ -52,7 +53,7 @@ class StepResult:
 
     task_losses: dict[
         str, dict[str, float]
-    ]  # task -> {"loss", head parts, "load_balance", "z_loss", "weight"}
+    ]  # task -> {"loss", head parts, "load_balance", "z_loss", "weight", "expert_load/<layer>"}
     mutual_information: float | None  # None: no MoE layer, or the MI coefficient is 0
     total: float  # the optimised objective (MI unscaled by the world size)
     images: int  # images of the step over all ranks
@@ -131,6 +132,8 @@ class MultiTaskStep:
         if injected is not None:
             total = total + injected
         result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
+        for task, loads in expert_load_ratios(routing_by_task).items():  # logged with the task's losses
+            result.task_losses[task].update(loads)
         if result.skipped:
             self.record_skipped(step)
         else:
