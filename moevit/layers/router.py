@@ -10,7 +10,8 @@ whole load, and with upcycled (identical) experts no gradient ever breaks the ti
 from N(0, gate_init_std^2) (default `DEFAULT_GATE_INIT_STD`, timm's ViT init std for linear layers: on
 LayerNorm'd tokens the logits start with std 0.02 sqrt(D), 0.28 to 0.55 for D = 192 to 768, near
 Switch's width-independent sqrt(0.1) = 0.32, so the k selected weights start near 1/k). Top-k is
-invariant to the gate's scale, so the std sets how soft the start is, not how balanced. Optionally,
+invariant to the gate's scale, so the std sets how soft the start is, not how balanced (what balance
+the init gives depends on the data; measured in docs/model.md, "Initial routing"). Optionally,
 in training mode only, the router input is multiplied by noise uniform in [1 - jitter, 1 + jitter]
 (Switch Transformer's input jitter), drawn from torch's default generator, which training seeds and
 checkpoints; evaluation never jitters. The experts see the input unjittered.
