@@ -5,6 +5,7 @@ and reproducible. The figures themselves: benchmarks/initial_routing.py, quoted 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -133,3 +134,17 @@ def test_model_refuses_bad_router_settings():
         create_model("moevit_debug", tasks=["a"], router_jitter=-0.5)
     with pytest.raises(ValueError, match="router_jitter must be < 1"):
         TaskRouter(8, 4, 2, ["a"], jitter=1.5)
+
+
+def test_benchmark_main_prints_and_writes_every_case(bench, tmp_path, capsys):
+    out = tmp_path / "initial_routing.json"
+    rows = bench.main(["--model", "moevit_debug", "--starts", "fresh", "--batch", "2", "--json", str(out)])
+    assert [(r["gates"], r["inputs"]) for r in rows] == [
+        ("zero gates", "random"),
+        ("zero gates", "synthetic"),
+        ("default init", "random"),
+        ("default init", "synthetic"),
+    ]
+    assert all(value == 2.0 for row in rows[:2] for value in row["ratios"].values())  # E4 / k2: collapsed
+    assert json.loads(out.read_text()) == rows
+    assert capsys.readouterr().out.count("busiest/mean per layer") == 4
