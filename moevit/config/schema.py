@@ -53,6 +53,10 @@ class MoEConfig:
             raise ValueError(f"attention_experts must be >= 0, got {self.attention_experts}")
         if self.capacity_factor is not None and not 0 < self.capacity_factor < float("inf"):
             raise ValueError(f"capacity_factor must be > 0 (or null: dropless), got {self.capacity_factor}")
+        if self.gate_init_std is not None and not self.gate_init_std >= 0:
+            raise ValueError(f"gate_init_std must be >= 0 (0: zero gates), got {self.gate_init_std}")
+        if self.router_jitter is not None and not 0 <= self.router_jitter < 1:
+            raise ValueError(f"router_jitter must be in [0, 1) (0: off), got {self.router_jitter}")
 
 
 @dataclass

@@ -8,7 +8,8 @@ task, with `model.moe.num_experts` = E + N and a `continual:` section (moevit.co
   used old experts (Mod-Squad's expansion; usage summed over the old tasks as per-task shares) or fresh;
 - every old task's gate keeps exactly its old rows (`continual.task_experts`): its logits, top-k and
   weights are computed as before, bit for bit, and it never reaches a new expert;
-- the new task's gate covers all E + N experts and starts at zero (uniform routing, like every gate);
+- the new task's gate covers all E + N experts and starts as the expanded model's fresh gate (random,
+  like every fresh gate: moevit.layers.router);
   its head and task embedding are new;
 - everything the old tasks use is frozen for training (`continual.frozen_experts` = E,
   `continual.train_tasks` = [new task]; moevit.continual.freeze).

@@ -29,7 +29,7 @@ from torch import nn
 
 from moevit.layers.dispatch import combine, dispatch, plan_dispatch
 from moevit.layers.experts import grouped_linear
-from moevit.layers.router import Routing, TaskRouter
+from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
 
 
 class MoEAttention(nn.Module):
@@ -42,6 +42,8 @@ class MoEAttention(nn.Module):
         head_dim: width of one head expert and of the shared keys and values (H).
         tasks: task names; each gets a router.
         qkv_bias: biases on the query projections and the shared key/value projection.
+        gate_init_std, router_jitter: the router's gate initialisation and training-only input jitter
+            (moevit.layers.router).
     """
 
     routes_tasks = True  # forward takes (x, task) and returns (y, Routing)
@@ -54,11 +56,15 @@ class MoEAttention(nn.Module):
         head_dim: int,
         tasks: Sequence[str],
         qkv_bias: bool = True,
+        gate_init_std: float = DEFAULT_GATE_INIT_STD,
+        router_jitter: float = 0.0,
     ):
         super().__init__()
         self.dim, self.head_dim = dim, head_dim
         self.scale = head_dim**-0.5
-        self.router = TaskRouter(dim, num_experts, top_k, tasks)
+        self.router = TaskRouter(
+            dim, num_experts, top_k, tasks, gate_init_std=gate_init_std, jitter=router_jitter
+        )
         # Stacked (E, out, in) like GroupedExperts: pruning and sharding slice dim 0.
         self.q_weight = nn.Parameter(torch.empty(num_experts, head_dim, dim))
         self.q_bias = nn.Parameter(torch.zeros(num_experts, head_dim)) if qkv_bias else None

@@ -16,7 +16,7 @@ from torch import nn
 from moevit.layers.capacity import check_capacity_factor, expert_capacity, slots_within_capacity
 from moevit.layers.dispatch import combine, dispatch, plan_dispatch
 from moevit.layers.experts import GroupedExperts
-from moevit.layers.router import Routing, TaskRouter
+from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
 
 
 class MoEMlp(nn.Module):
@@ -35,6 +35,8 @@ class MoEMlp(nn.Module):
         capacity_factor: None: dropless. Else each expert takes at most
             ceil(capacity_factor * T * K / n) of a forward's rows (T local tokens, n experts the task
             routes among); the rest are dropped as moevit.layers.capacity describes.
+        gate_init_std, router_jitter: the router's gate initialisation and training-only input jitter
+            (moevit.layers.router).
     """
 
     routes_tasks = True  # forward takes (x, task) and returns (y, Routing)
@@ -50,11 +52,13 @@ class MoEMlp(nn.Module):
         bias: bool = True,
         task_experts: Mapping[str, int] | None = None,
         capacity_factor: float | None = None,
+        gate_init_std: float = DEFAULT_GATE_INIT_STD,
+        router_jitter: float = 0.0,
     ):
         super().__init__()
         check_capacity_factor(capacity_factor)
         self.capacity_factor = capacity_factor
-        self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts)
+        self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts, gate_init_std, router_jitter)
         self.experts = GroupedExperts(num_experts, dim, expert_hidden, act_layer, bias)
 
     @property

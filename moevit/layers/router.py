@@ -1,9 +1,20 @@
 """Task-conditioned top-k routing: one gate per task over experts shared by all tasks.
 
 Mod-Squad (Chen et al., CVPR 2023) and M3ViT give every task its own linear gate in every MoE
-layer; the experts are shared. Gates are zero-initialised (uniform routing at the start) and
-computed in fp32 because bf16 softmax over logits that differ by little flips top-k choices
-between otherwise identical runs.
+layer; the experts are shared. Gate logits are computed in fp32 because bf16 softmax over logits that
+differ by little flips top-k choices between otherwise identical runs.
+
+Initialisation and jitter (routing that cannot collapse at the start). A zero gate ties every expert, so
+top-k picks the same k experts for every token (topk breaks ties by index): one expert pair takes the
+whole load, and with upcycled (identical) experts no gradient ever breaks the tie. Gates therefore start
+from N(0, gate_init_std^2) (default `DEFAULT_GATE_INIT_STD`, timm's ViT init std for linear layers: on
+LayerNorm'd tokens the logits start with std 0.02 sqrt(D), 0.28 to 0.55 for D = 192 to 768, near
+Switch's width-independent sqrt(0.1) = 0.32, so the k selected weights start near 1/k). Top-k is
+invariant to the gate's scale, so the std sets how soft the start is, not how balanced (what balance
+the init gives depends on the data; measured in docs/model.md, "Initial routing"). Optionally,
+in training mode only, the router input is multiplied by noise uniform in [1 - jitter, 1 + jitter]
+(Switch Transformer's input jitter), drawn from torch's default generator, which training seeds and
+checkpoints; evaluation never jitters. The experts see the input unjittered.
 
 The k selected probabilities are renormalised to sum to one. Consequence the pruner relies on:
 dropping an expert that a token did not select leaves that token's output unchanged. To make that
@@ -30,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+DEFAULT_GATE_INIT_STD = 0.02  # the model's default gate initialisation (see the module doc)
 
 
 @dataclass
@@ -62,6 +75,20 @@ class Routing:
     def num_routable(self) -> int:
         """Experts this task can route to (what a balanced load is measured against)."""
         return self.num_experts if self.routable_experts is None else self.routable_experts
+
+    def busiest_over_mean(self) -> float:
+        """This pass's busiest expert load over the mean load (see `busiest_over_mean`)."""
+        return busiest_over_mean(self.counts_E, self.num_routable)
+
+
+def busiest_over_mean(counts_E: torch.Tensor, num_routable: int | None = None) -> float:
+    """The busiest expert's routed slots over the mean over the experts the task can reach (the first
+    `num_routable`, default all): 1.0 is an even load, E / K the collapse where every token picks the same K
+    experts. What bounds an expert's (and, under expert parallelism, a rank's) tokens in a step. 0.0 when
+    nothing was routed."""
+    counts = counts_E[: num_routable or counts_E.shape[0]].double()
+    total = counts.sum().item()
+    return counts.max().item() * counts.shape[0] / total if total else 0.0
 
 
 class _ExpertLogits(torch.autograd.Function):
@@ -101,11 +128,22 @@ class TaskGate(nn.Module):
     Args:
         dim: token width.
         num_experts: experts the gate scores.
+        init_std: std of the normal initial weights (0: zeros, every expert tied).
     """
 
-    def __init__(self, dim: int, num_experts: int):
+    def __init__(self, dim: int, num_experts: int, init_std: float = DEFAULT_GATE_INIT_STD):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, dim))
+        self.reset_parameters(init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float = DEFAULT_GATE_INIT_STD) -> None:
+        """Normal weights of std `init_std` from torch's default generator (0: zeros)."""
+        _check_non_negative("gate_init_std", init_std)
+        if init_std > 0:
+            nn.init.normal_(self.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints and model directories written before 2026-12-06 also hold an int64 `usage` counter
@@ -119,7 +157,7 @@ class TaskGate(nn.Module):
 
 
 class TaskRouter(nn.Module):
-    """Top-k routing with one zero-initialised gate per task.
+    """Top-k routing with one randomly initialised gate per task.
 
     Args:
         dim: token width.
@@ -128,6 +166,9 @@ class TaskRouter(nn.Module):
         tasks: task names; each gets its own gate.
         task_experts: task -> n: that task routes among experts 0..n-1 only (1 <= n <= E), with
             top-min(K, n); tasks not named route among all E (see the module docstring).
+        gate_init_std: std of the gates' normal initial weights (module doc; 0: zero gates).
+        jitter: training-only multiplicative noise on the router input, uniform in [1 - jitter,
+            1 + jitter] (0: off; below 1, so the noise never flips a sign).
     """
 
     def __init__(
@@ -137,8 +178,13 @@ class TaskRouter(nn.Module):
         top_k: int,
         tasks: Sequence[str],
         task_experts: Mapping[str, int] | None = None,
+        gate_init_std: float = DEFAULT_GATE_INIT_STD,
+        jitter: float = 0.0,
     ):
         super().__init__()
+        _check_non_negative("router_jitter", jitter)
+        if jitter >= 1:
+            raise ValueError(f"router_jitter must be < 1 (noise in [1 - jitter, 1 + jitter]), got {jitter}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         task_experts = dict(task_experts or {})
@@ -152,8 +198,9 @@ class TaskRouter(nn.Module):
                 raise ValueError(f"task_experts[{task!r}]={n} must be in [1, num_experts={num_experts}]")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.jitter = jitter
         self.gates = nn.ModuleDict(
-            {task: TaskGate(dim, task_experts.get(task, num_experts)) for task in tasks}
+            {task: TaskGate(dim, task_experts.get(task, num_experts), gate_init_std) for task in tasks}
         )
         # Tests flip this so every expert receives tokens (and every parameter a gradient).
         self.force_balanced = False
@@ -169,7 +216,10 @@ class TaskRouter(nn.Module):
         routable = gate.weight.shape[0]  # experts 0..routable-1; fewer than E for a restricted task
         top_k = min(self.top_k, routable)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = expert_logits(x_TD.float(), gate.weight.float())
+            x_TD = x_TD.float()
+            if self.training and self.jitter > 0:
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
+            logits_TE = expert_logits(x_TD, gate.weight.float())
             probs_TE = logits_TE.softmax(dim=-1)
             if self.force_balanced:
                 expert_idx_TK = self._balanced_assignment(x_TD.shape[0], x_TD.device, routable, top_k)
@@ -205,4 +255,10 @@ class TaskRouter(nn.Module):
         return (token + slot) % routable
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}"
+        jitter = f", jitter={self.jitter}" if self.jitter else ""
+        return f"num_experts={self.num_experts}, top_k={self.top_k}{jitter}"
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")

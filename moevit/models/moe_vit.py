@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moevit.layers.moe_attention import MoEAttention
 from moevit.layers.moe_mlp import MoEMlp
-from moevit.layers.router import Routing, TaskRouter
+from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
 from moevit.models.block import TaskBlock, routes_tasks
 from moevit.models.layer_specs import moe_mlp_specs
 from moevit.models.placement import resolve_moe_layers
@@ -73,6 +73,11 @@ class MoEViT(nn.Module):
         global_blocks: indices of the blocks that attend over all tokens when `window_size` > 0.
         capacity_factor: expert capacity bound of every MoE MLP layer (moevit.layers.capacity);
             None: dropless.
+        gate_init_std: std of every gate's normal initial weights (0: zero gates, which tie every
+            expert: all tokens then go to the same k experts). Only fresh models depend on it; loaded
+            weights replace it. See moevit.layers.router.
+        router_jitter: training-only multiplicative noise on the router inputs, uniform in
+            [1 - router_jitter, 1 + router_jitter] (Switch's input jitter); 0 = off. Eval never jitters.
     """
 
     def __init__(
@@ -100,6 +105,8 @@ class MoEViT(nn.Module):
         window_size: int = 0,
         global_blocks: Sequence[int] = (),
         capacity_factor: float | None = None,
+        gate_init_std: float = DEFAULT_GATE_INIT_STD,
+        router_jitter: float = 0.0,
     ):
         super().__init__()
         if not tasks:
@@ -164,6 +171,8 @@ class MoEViT(nn.Module):
                         self.tasks,
                         task_experts=spec.task_experts,
                         capacity_factor=capacity_factor,
+                        gate_init_std=0.0,  # drawn last, see _init_gates
+                        router_jitter=router_jitter,
                     )
                 )
                 if attention_experts:
@@ -174,6 +183,8 @@ class MoEViT(nn.Module):
                         attention_head_dim,
                         self.tasks,
                         qkv_bias,
+                        gate_init_std=0.0,  # drawn last, see _init_gates
+                        router_jitter=router_jitter,
                     )
             self.blocks.append(block)
         self.norm = LayerNorm(embed_dim)  # timm's, eps=1e-6 like its ViT
@@ -181,16 +192,26 @@ class MoEViT(nn.Module):
         # set by the trainer from train.activation_checkpointing, see `_run_block`.
         self.activation_checkpointing = False
         self._init_weights()
+        self._init_gates(gate_init_std)
 
     def _init_weights(self) -> None:
-        # timm's ViT init. Experts initialise themselves the same way; gates stay at zero
-        # (uniform routing at the start).
+        # timm's ViT init. Experts initialise themselves the same way; gates are not nn.Linear and keep
+        # their own small random init (moevit.layers.router: zero gates would collapse the routing).
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 init_weights_vit_timm(module)
+
+    def _init_gates(self, std: float) -> None:
+        # Drawn last and on a fork of torch's generator, so every other weight of the model, and a head
+        # built after it, draws exactly what it did when gates were zero-initialised: only the gates differ.
+        on_cuda = self.pos_embed.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.pos_embed.device] if on_cuda else []):
+            for _, router in self.routers():
+                for gate in router.gates.values():
+                    gate.reset_parameters(std)
 
     # ----------------------------------------------------------------- forward
     def forward_backbone(

@@ -1,9 +1,11 @@
 """Sparse upcycling (Komatsuzaki et al. 2023): start an MoE ViT from a dense timm ViT.
 
 Every dense weight is copied by name (MoEViT keeps timm's parameter names); in MoE blocks each
-expert starts as a copy of that block's dense MLP. Gates start at zero, so every expert gets
-the same input and, its gate weights summing to one, the upcycled model computes exactly what
-the dense one did: for every task, `forward_features(x, task) == vit.forward_features(x)`.
+expert starts as a copy of that block's dense MLP. Every expert gets the same input and, the gate
+weights summing to one, the upcycled model computes what the dense one did (up to rounding) whatever
+the gates: for every task, `forward_features(x, task) == vit.forward_features(x)`. The gates start
+random (`gate_init_std`, moevit.layers.router): with identical experts nothing else breaks the tie
+that zero gates would make (every token to the same k experts), and no gradient would.
 The dense classifier head is not part of the backbone and is left out.
 """
 
@@ -17,6 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from moevit.layers.router import DEFAULT_GATE_INIT_STD
 from moevit.models.moe_vit import MoEViT
 from moevit.models.param_names import parse_key
 from moevit.models.pretrained import upcycled_key
@@ -39,6 +42,8 @@ def upcycle_timm_vit(
     tasks: Sequence[str],
     moe_layers: str | Sequence[int] = "every:2",
     task_embedding: bool = False,
+    gate_init_std: float = DEFAULT_GATE_INIT_STD,
+    router_jitter: float = 0.0,
 ) -> MoEViT:
     """Build an MoEViT with the same shape as `vit` and copy its weights into it.
 
@@ -50,6 +55,8 @@ def upcycle_timm_vit(
         tasks: task names (one router each).
         moe_layers: which blocks become MoE (see `placement.resolve_moe_layers`).
         task_embedding: add zero-initialised per-task embeddings (keeps the equivalence).
+        gate_init_std: std of the gates' random initial weights (0: zero gates, every expert tied).
+        router_jitter: training-only jitter of the router inputs (MoEViT's argument).
     """
     _check_supported(vit)
     first_block = vit.blocks[0]
@@ -68,6 +75,8 @@ def upcycle_timm_vit(
         moe_layers=moe_layers,
         task_embedding=task_embedding,
         class_token=vit.cls_token is not None,
+        gate_init_std=gate_init_std,
+        router_jitter=router_jitter,
     )
     state = {}
     for key, value in vit.state_dict().items():

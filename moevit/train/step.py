@@ -57,6 +57,7 @@ from moevit.parallel.accumulation import discard_accumulated_gradients, mark_bou
 from moevit.parallel.collectives import all_reduce_sum, rank
 from moevit.train.dropped_slots import dropped_slots_over_ranks
 from moevit.train.errors import NonFiniteLossError
+from moevit.train.expert_load import expert_load_ratios
 from moevit.train.task_expert_estimate import RunningTaskRows
 
 
@@ -66,7 +67,7 @@ class StepResult:
 
     task_losses: dict[
         str, dict[str, float]
-    ]  # task -> {"loss", head parts, "load_balance", "z_loss", "weight"}
+    ]  # task -> {"loss", head parts, "load_balance", "z_loss", "weight", "expert_load/<layer>"}
     mutual_information: float | None  # None: no MoE layer, or the MI coefficient is 0
     total: float  # the optimised objective (MI unscaled by the world size)
     images: int  # images of the step over all ranks
@@ -201,6 +202,8 @@ class MultiTaskStep:
         result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
         for task, drops in dropped_slots_over_ranks(routing_by_task, self.device).items():
             result.task_losses[task].update(drops)  # logged with the task's losses (capacity bound only)
+        for task, loads in expert_load_ratios(routing_by_task).items():  # logged with the task's losses
+            result.task_losses[task].update(loads)
         return result, matrices, routing_by_task, total
 
     @torch.no_grad()
