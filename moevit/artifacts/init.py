@@ -8,6 +8,9 @@ A source is a local path (no hub downloads) of one of these kinds:
     moevit-run    a run dir (its newest complete checkpoint) or `<run>/checkpoints/<tag>`;
     moevit-model  a standalone model dir (`moevit prune`, `finetune`'s export, `moevit expand`): model.pt.
 
+A moevit source with dense MLPs where the model's blocks are MoE (a dense run, such as
+`moevit demo model.moe.layers=none`) is upcycled as a timm file is, without noise unless asked.
+
 Every tensor whose name the model has loads; its shape must match, except the position embedding,
 which is resampled to the model's grid (timm's `resample_abs_pos_embed`), and, from a moevit source,
 heads whose shapes differ (another class count), which keep their fresh initialisation. Any other
@@ -84,13 +87,19 @@ def read_init_state(
         raise ConfigError(where, "no such file or directory (local paths only: nothing is downloaded)")
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
-            return _read(where, lambda: load_tensors_only(path / WEIGHTS_FILE)), "moevit-model", []
+            state, upcycled = _upcycled_backbone(
+                _read(where, lambda: load_tensors_only(path / WEIGHTS_FILE)), backbone
+            )
+            return state, "moevit-model", upcycled
         if not (RunDir(path).checkpoints.is_dir() or path.parent.name == RunDir(Path()).checkpoints.name):
             raise ConfigError(
                 where, f"a directory that is neither a model dir (no {WEIGHTS_FILE}) nor a moevit run dir"
             )
         ref = resolve_checkpoint(path, flag)
-        return _read(where, lambda: consolidated_state_dict(ref.directory)), "moevit-run", []
+        state, upcycled = _upcycled_backbone(
+            _read(where, lambda: consolidated_state_dict(ref.directory)), backbone
+        )
+        return state, "moevit-run", upcycled
     if path.suffix not in DENSE_SUFFIXES:
         raise ConfigError(
             where, f"unknown file type {path.suffix!r}: a timm ViT file is one of {', '.join(DENSE_SUFFIXES)}"
@@ -98,6 +107,19 @@ def read_init_state(
     dense = _read(where, lambda: read_dense_state(path, backbone))
     state, upcycled = upcycled_state(dense, backbone)
     return {BACKBONE + key: value for key, value in state.items()}, "timm", [BACKBONE + k for k in upcycled]
+
+
+def _upcycled_backbone(state: dict[str, torch.Tensor], backbone) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A moevit source's state with its dense MLPs upcycled where the model's block is MoE (a dense run,
+    e.g. `moevit demo model.moe.layers=none`, starts every expert of the block); a source whose blocks
+    match the model's comes back unchanged, with no key upcycled."""
+    dense = {key[len(BACKBONE) :]: value for key, value in state.items() if key.startswith(BACKBONE)}
+    rest = {key: value for key, value in state.items() if not key.startswith(BACKBONE)}
+    upcycled_backbone, upcycled = upcycled_state(dense, backbone)
+    return (
+        {**rest, **{BACKBONE + key: value for key, value in upcycled_backbone.items()}},
+        [BACKBONE + key for key in upcycled],
+    )
 
 
 def _read(where: str, reader):
@@ -127,11 +149,17 @@ def apply_init(
     Args:
         model: the single-device model, before any parallel wrapping (every rank calls this alike).
         expert_noise: upcycled experts get N(0, (expert_noise x the dense weight's std)^2) added to
-            their weight matrices (timm sources only), drawn from a generator seeded with `seed`.
-        strict: every tensor must load as it is: no missing, unexpected, resampled or skipped tensor.
+            their weight matrices (dense sources only), drawn from a generator seeded with `seed`.
+        strict: every tensor must load as it is: no missing, unexpected, resampled, skipped or
+            upcycled tensor.
         flag: the config key or CLI flag named in errors.
     """
     state, kind, upcycled = read_init_state(path, model.backbone, flag)
+    if strict and upcycled:
+        raise ConfigError(
+            f"{flag} {path}",
+            f"the weights do not fit the config's model exactly: dense MLPs would be upcycled into {upcycled[:3]}",
+        )
     if upcycled and expert_noise:
         add_expert_noise(state, upcycled, expert_noise, torch.Generator().manual_seed(seed))
     report = fit_state(model, state, f"{flag} {path}", kind, strict)

@@ -247,6 +247,28 @@ def test_a_moevit_model_dir_loads_backbone_and_matching_heads_only(tmp_path):
         apply_init(make_model(num_classes=5)[0], tmp_path / "same", strict=True)
 
 
+def test_a_dense_moevit_source_upcycles_into_the_moe_model(tmp_path):
+    """The issue's upcycling path: a dense moevit run (`model.moe.layers=none`) starts an MoE model, each
+    expert of a block a copy of that block's dense MLP; strict loading (continual) refuses it."""
+    dense, _ = make_model(moe={"layers": "none"})
+    (tmp_path / "dense").mkdir()
+    torch.save(dense.state_dict(), tmp_path / "dense" / WEIGHTS_FILE)
+    moe, _ = make_model(moe={"layers": "all", "num_experts": 4})
+    report = apply_init(moe, tmp_path / "dense")
+    assert report.kind == "moevit-model" and report.upcycled and not report.skipped
+    source = dense.backbone.state_dict()
+    for index in moe.backbone.moe_layer_indices:
+        experts = moe.backbone.blocks[index].mlp.experts.state_dict()
+        for name, value in experts.items():
+            dense_name = f"blocks.{index}.mlp.{name.replace('_weight', '.weight').replace('_bias', '.bias')}"
+            assert all(torch.equal(value[e], source[dense_name]) for e in range(4)), name
+    assert all(
+        key.endswith("gate") or "gate" in key for key in report.missing if key.startswith("backbone.")
+    ), report.missing
+    with pytest.raises(ConfigError, match="dense MLPs would be upcycled"):
+        apply_init(make_model(moe={"layers": "all", "num_experts": 4})[0], tmp_path / "dense", strict=True)
+
+
 @pytest.mark.parametrize(
     "model, expected",
     [
