@@ -367,15 +367,27 @@ _TABLE_COLUMNS = (  # (header, cell of a report row)
 )
 
 
-def format_flops_table(report: dict) -> str:
-    """An aligned text table of a `flops_report`, one row per task, conventions underneath."""
-    rows = [["task", *(header for header, _ in _TABLE_COLUMNS)]]
-    rows += [[task, *(cell(row) for _, cell in _TABLE_COLUMNS)] for task, row in report["tasks"].items()]
+def task_table(columns, tasks: Mapping[str, dict]) -> list[str]:
+    """The lines of an aligned text table: a header of the `columns`' headers, a rule, then one row per
+    task (its name left-aligned, each column's cell of the task's row right-aligned).
+
+    Args:
+        columns: (header, cell) pairs, cell(row) -> str.
+        tasks: task name -> its report row.
+    """
+    rows = [["task", *(header for header, _ in columns)]]
+    rows += [[task, *(cell(row) for _, cell in columns)] for task, row in tasks.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def format_flops_table(report: dict) -> str:
+    """An aligned text table of a `flops_report`, one row per task, conventions underneath."""
+    lines = task_table(_TABLE_COLUMNS, report["tasks"])
     return "\n".join([*lines, "", textwrap.fill(report["conventions"], width=len(lines[0]))])
 
 

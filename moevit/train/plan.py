@@ -22,7 +22,7 @@ from moevit.data.coverage import epochs_covered
 from moevit.data.schedule import build_schedule
 from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
-from moevit.models.flops import analytic_flops, count_parameters
+from moevit.models.flops import analytic_flops, count_parameters, task_table
 from moevit.models.multitask import MultiTaskModel
 from moevit.parallel.layout import check_layout
 from moevit.train.activation_memory import COMPUTE_BYTES, task_activation_bytes, windows_of
@@ -165,13 +165,7 @@ def _amount(value: float) -> str:
 
 def format_plan_table(report: dict) -> str:
     """An aligned text table of a `plan_report`: one row per task, the totals and the notes under it."""
-    rows = [["task", *(header for header, _ in _COLUMNS)]]
-    rows += [[task, *(cell(row) for _, cell in _COLUMNS)] for task, row in report["tasks"].items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = task_table(_COLUMNS, report["tasks"])
     totals = report["totals"]
     summary = (
         f"{report['gpus']} GPUs, {report['precision']}, strategy {report['strategy']}, "
