@@ -71,6 +71,24 @@ def boxes_touch(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.all(a[:2] < b[2:] + _MIN_GAP_PX) and np.all(b[:2] < a[2:] + _MIN_GAP_PX))
 
 
+def place_apart(
+    template: np.ndarray,
+    height: int,
+    width: int,
+    boxes: list[np.ndarray],
+    rng: np.random.Generator,
+    attempts: int = _PLACEMENT_ATTEMPTS,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(polygon, box) of a random translation of `template` inside the image whose box keeps
+    _MIN_GAP_PX from every one of `boxes`, drawn up to `attempts` times; None when none fits."""
+    for _attempt in range(attempts):
+        polygon = random_translation(template, height, width, rng)
+        box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
+        if not any(boxes_touch(box, other) for other in boxes):
+            return polygon, box
+    return None
+
+
 def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]) -> tuple[np.ndarray, list]:
     """One (H, W, 3) uint8 image and its objects as (category name, polygon (K, 2) in pixels) pairs."""
     height, width = image_size
@@ -92,13 +110,10 @@ def render_detection_image(rng: np.random.Generator, image_size: tuple[int, int]
         template = shape_polygon(
             shape, rng.uniform(*COCO_OBJECT_SIZE), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
         )
-        for _attempt in range(_PLACEMENT_ATTEMPTS):
-            polygon = random_translation(template, height, width, rng)
-            box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
-            if not any(boxes_touch(box, other) for other in boxes):
-                break
-        else:
+        placed = place_apart(template, height, width, boxes, rng)
+        if placed is None:
             continue  # no free room left: the image gets fewer objects
+        polygon, box = placed
         colors = hue_shades(rng, HUE_FAMILIES[category], HUE_JITTER_DEG["coco"])
         fill = texture(TEXTURES[rng.integers(len(TEXTURES))], height, width, colors, rng)
         canvas = composite(canvas, fill, rasterize(polygon, height, width))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moevit.data.synth import real_spec
-from moevit.data.synth.coco import annotation_fields, boxes_touch, write_coco_split
+from moevit.data.synth.coco import annotation_fields, place_apart, write_coco_split
 from moevit.data.synth.shapes import (
     SHAPES,
     TEXTURES,
@@ -22,7 +22,6 @@ from moevit.data.synth.shapes import (
     hue_shades,
     neutral_color,
     paint_polygon,
-    random_translation,
     shape_polygon,
     smooth_background,
     texture,
@@ -125,13 +124,10 @@ def render_real_sample(rng: np.random.Generator, index: int) -> tuple[np.ndarray
         # Largest first: they need the most free room, and small ones still fit between them.
         objects.sort(key=lambda item: -float(np.ptp(item[1], axis=0).max()))
         for category, template in objects:
-            for _attempt in range(_PLACEMENT_ATTEMPTS):
-                polygon = random_translation(template, height, width, rng)
-                box = np.concatenate([polygon.min(axis=0), polygon.max(axis=0)])
-                if not any(boxes_touch(box, other) for other in boxes):
-                    break
-            else:
+            placed = place_apart(template, height, width, boxes, rng, _PLACEMENT_ATTEMPTS)
+            if placed is None:
                 continue  # no free room left: the image gets fewer objects
+            polygon, box = placed
             _paint(canvas, category, polygon, rng)
             fields.append(annotation_fields(real_spec.COCO_USED_CATEGORIES[category], polygon))
             boxes.append(box)
