@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from local_engine import LocalEngine
 
 from moevit.config.schema import AuxLossConfig
 from moevit.data.multitask import StepPlan, TaskBatch
@@ -16,31 +17,15 @@ from moevit.train.step import MultiTaskStep
 BATCH = 3
 
 
-class _SgdEngine:
-    """The engine interface MultiTaskStep drives, single process."""
-
-    def __init__(self, model):
-        self.module = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def __call__(self, task, batch):
-        return self.module(task, batch)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-
-
 def _step_result(capacity_factor):
     torch.manual_seed(0)
     backbone = create_model("moevit_debug", tasks=["a"], capacity_factor=capacity_factor)
     for layer in backbone.mlp_layers().values():  # zero gates tie every token to the same experts
         torch.nn.init.normal_(layer.router.gates["a"].weight)
     model = MultiTaskModel(backbone, {"a": build_head("classification", 3, backbone, 32)})
-    step = MultiTaskStep(_SgdEngine(model), ["a"], AuxLossConfig(), {"a": 1.0}, 1, torch.device("cpu"))
+    step = MultiTaskStep(
+        LocalEngine(model, lr=0.01), ["a"], AuxLossConfig(), {"a": 1.0}, 1, torch.device("cpu")
+    )
     generator = torch.Generator().manual_seed(1)
     batch = {
         "images": torch.randn(BATCH, 3, 32, 32, generator=generator),

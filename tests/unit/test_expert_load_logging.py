@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from local_engine import LocalEngine
 
 from moevit.config.schema import AuxLossConfig
 from moevit.data.multitask import StepPlan, TaskBatch
@@ -18,24 +19,6 @@ from moevit.train.logging import RunLogger
 from moevit.train.step import MultiTaskStep
 
 TASKS = {"shapes": 3, "textures": 4}
-
-
-class SgdEngine:
-    """Single-process stand-in for the DeepSpeed engine (the interface MultiTaskStep uses)."""
-
-    def __init__(self, model):
-        self.module = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def __call__(self, task, batch):
-        return self.module(task, batch)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad()
 
 
 def make_model() -> MultiTaskModel:
@@ -69,7 +52,7 @@ def test_every_logged_step_carries_each_layers_load_per_task(tmp_path):
     reference = make_model()
     aux = AuxLossConfig(load_balance=0.01, z_loss=0.001, mutual_information=0.0)
     step = MultiTaskStep(
-        SgdEngine(model), list(TASKS), aux, {"shapes": 0.5, "textures": 0.5}, 1, torch.device("cpu")
+        LocalEngine(model), list(TASKS), aux, {"shapes": 0.5, "textures": 0.5}, 1, torch.device("cpu")
     )
     logger = RunLogger(tmp_path / "metrics.jsonl", tmp_path / "tb", 2, 0, 1, True)
     expected = {}

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from local_engine import LocalEngine
 
 from moevit.config.schema import AuxLossConfig
 from moevit.data.collate import move_batch
@@ -16,29 +17,6 @@ from moevit.train.step import MultiTaskStep
 
 NUM_CLASSES = {"shapes": 3, "textures": 4}
 BATCH_SIZES = {"shapes": 4, "textures": 2}
-
-
-class LocalEngine:
-    """Stand-in for the DeepSpeed engine of moevit.parallel.engine, single process, plain SGD."""
-
-    def __init__(self, model: torch.nn.Module, lr: float = 0.1):
-        self.module = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        self.backward_calls = 0
-
-    def __call__(self, task, batch):
-        return self.module(task, batch)
-
-    def backward(self, loss):
-        self.backward_calls += 1
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-
-    def get_lr(self):
-        return [self.optimizer.param_groups[0]["lr"]]
 
 
 def make_model(seed: int = 0) -> MultiTaskModel:
