@@ -111,7 +111,7 @@ def measure_task(config: str, overrides: list[str], task: str) -> dict:
     from moevit.config import load_config
     from moevit.factory import build_model
     from moevit.models.flops import analytic_flops
-    from moevit.train.activation_memory import task_activation_bytes, windows_of
+    from moevit.train.activation_memory import saved_activation_bytes, task_activation_bytes, windows_of
     from moevit.train.head_cost import head_cost
 
     cfg = load_config(config, overrides)
@@ -125,15 +125,6 @@ def measure_task(config: str, overrides: list[str], task: str) -> dict:
     analytic = analytic_flops(model.backbone, side, task)
     head_gflops = 2 * head_cost(model.heads[task], model.backbone, (side, side), 4).macs / 1e9
 
-    saved: dict[int, int] = {}
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:  # linears save their weight: not an activation
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     with torch.no_grad():  # warm-up: thread pools and kernel caches are set up outside the measurement
         model(task, batch)
     resident = ResidentPeak()
@@ -142,7 +133,7 @@ def measure_task(config: str, overrides: list[str], task: str) -> dict:
     before = resident.current()
     started = time.perf_counter()
     with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        saved_activation_bytes(model) as saved,
         FlopCounterMode(display=False) as flops,
     ):
         loss = model(task, batch).losses["loss"]

@@ -34,9 +34,11 @@ batch, allocator fragmentation, and workspace of kernels that is freed before th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from timm.layers import Attention, Mlp
 from torch import nn
 
@@ -145,3 +147,21 @@ def task_activation_bytes(
 def windows_of(window_size: int | None, global_blocks: Sequence[int] | None) -> Windows:
     """The Windows of a ModelConfig's fields (None: the variant's default, global attention)."""
     return Windows(window_size or 0, tuple(global_blocks or ()))
+
+
+@contextmanager
+def saved_activation_bytes(model: nn.Module) -> Iterator[dict[int, int]]:
+    """What this module estimates, measured: inside the block, the bytes of every tensor autograd saves for
+    the backward, each storage once, the model's parameters left out (a linear saves its weight, which is
+    not an activation). Yields {storage address: bytes}, filled as the forward runs; sum its values."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved

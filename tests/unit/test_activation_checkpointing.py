@@ -134,22 +134,13 @@ def test_the_switch_reaches_every_backbone():
 def test_the_memory_estimate_of_checkpointed_blocks_matches_what_autograd_keeps():
     """fp32 on CPU: with checkpointing, what stays between forward and backward is each block's input plus
     the ends (patch-embedding input, final norm input); the estimate's rerun term is one block's."""
-    from moevit.train.activation_memory import backbone_bytes
+    from moevit.train.activation_memory import backbone_bytes, saved_activation_bytes
 
     model = make_model()
     set_activation_checkpointing(model, True)
     backbone = model.backbone.train()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     images = torch.randn(2, 3, 64, 64)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(model) as saved:
         out = backbone.forward_backbone(images, "shapes", ())
     out.tokens.sum().backward()
     estimate = backbone_bytes(backbone, (64, 64), "fp32", checkpointing=True)

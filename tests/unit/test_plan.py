@@ -19,7 +19,12 @@ from moevit.data.build import READERS
 from moevit.data.coverage import NOMINAL_TRAIN_SIZES, epochs_covered
 from moevit.data.schedule import build_schedule
 from moevit.factory import build_model
-from moevit.train.activation_memory import Windows, backbone_bytes, task_activation_bytes
+from moevit.train.activation_memory import (
+    Windows,
+    backbone_bytes,
+    saved_activation_bytes,
+    task_activation_bytes,
+)
 from moevit.train.loader import build_train_loader
 from moevit.train.loop import coverage_lines
 from moevit.train.plan import build_meta_model, plan_report
@@ -212,17 +217,8 @@ def test_backbone_estimate_matches_the_tensors_autograd_saves(tiny_config, synth
     cfg = config_of(raw)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     images = torch.randn(2, 3, 64, 64, requires_grad=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(model) as saved:
         out = model.backbone.forward_backbone(images, "imagenet", ())
     out.tokens.sum().backward()
     estimate = 2 * sum(backbone_bytes(model.backbone, (64, 64), "fp32").values())
@@ -236,18 +232,8 @@ def test_task_estimate_matches_the_tensors_autograd_saves(tiny_config, synth_roo
     )
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     for task, batch in next(build_train_loader(cfg, rank=0, world_size=1)):
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_activation_bytes(model) as saved:
             model(task, batch).losses["loss"].backward()
         images = batch["images"]
         estimate = task_activation_bytes(
