@@ -71,7 +71,7 @@ def records(run_dir) -> list[dict]:
 # the MI statistics pass (which forks the RNG) and the running estimate must all resume exactly too.
 @pytest.mark.parametrize(
     ("sampling", "num_workers", "grad_accum_steps"),
-    [("all", 0, 1), ("all", 1, 1), ("round_robin", 1, 1), ("round_robin", 0, 2)],
+    [("all", 0, 1), ("all", 1, 1), ("round_robin", 1, 1), ("round_robin", 1, 2)],
 )
 def test_two_halves_with_resume_equal_one_straight_run(
     tmp_path, synth_root, tiny_config, run_workers, sampling, num_workers, grad_accum_steps
