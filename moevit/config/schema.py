@@ -48,8 +48,14 @@ class MoEConfig:
     # its even share of one forward's routed slots on its device, and the overflow passes the residual
     # (moevit.layers.capacity).
     capacity_factor: float | None = None
+    # How the experts' matmuls run (issue 19): "loop" (one GEMM per expert), "grouped"
+    # (`torch._grouped_mm`, one kernel for all experts) or "auto" (the measured default per device).
+    # None: the model's default. NOT WIRED YET (issue 19's expert-path work wires it).
+    expert_impl: str | None = None
 
     def validate(self) -> None:
+        if self.expert_impl is not None and self.expert_impl not in ("auto", "loop", "grouped"):
+            raise ValueError(f"expert_impl must be auto, loop or grouped, got {self.expert_impl!r}")
         for name in ("num_experts", "top_k", "expert_hidden", "attention_top_k", "attention_head_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
