@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from moevit.config.errors import ConfigError
     from moevit.data.errors import DatasetLayoutError
+    from moevit.parallel.checkpoint import UnsafeCheckpointError
     from moevit.train.errors import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetLayoutError) as err:
+    except (ConfigError, DatasetLayoutError, UnsafeCheckpointError) as err:
         print(f"moevit: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:  # every rank stops together with this message

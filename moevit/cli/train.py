@@ -4,8 +4,8 @@
     moevit eval  CONFIG --checkpoint PATH [--json OUT] [--nproc N]
 
 With `--nproc N > 1` outside a launcher, the command checks the config for N processes, then re-runs
-itself under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N -m
-moevit.cli ...`), so a bad config is refused once, before any worker or process group starts.
+itself under torchrun (`python -m moevit.cli.local_launch --standalone --nproc-per-node N -m
+moevit.cli ...`: torchrun's launcher, exiting with the failed worker's code), so a bad config is refused once, before any worker or process group starts.
 Under a launcher (torchrun, `deepspeed --no_local_rank --module moevit.cli`, see launch/), the
 launcher's WORLD_SIZE decides and `--nproc` must agree with it or be left out.
 
@@ -51,7 +51,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:
-    """Runs `python -m moevit.cli <argv>` in `nproc` local processes under torchrun.
+    """Runs `python -m moevit.cli <argv>` in `nproc` local processes under torchrun; returns the exit
+    code of the first worker that failed (2: refused input, 3: non-finite stop), or 0.
 
     `argv` carries no `--nproc`: torchrun's parser would take it for an abbreviation of its own
     `--nproc-per-node`; the workers read the world size from torchrun's variables instead.
@@ -59,7 +60,7 @@ def _relaunch(argv: list[str], nproc: int) -> int:
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "moevit.cli.local_launch",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",

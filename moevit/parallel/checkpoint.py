@@ -238,9 +238,19 @@ def load_checkpoint(engine: DeepSpeedEngine, run_dir: str | os.PathLike, tag: st
             f"{layout['ep_size']} --world-size {layout['world_size']} --out NEW_RUN_DIR`"
         )
     use_weights_only_loading(engine)
-    load_path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    refusal = None
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except UnsafeCheckpointError as err:
+        refusal, load_path = str(err), None
+    # A file only one rank reads (its experts, its optimizer state) is refused on that rank alone; the
+    # others would go on into the first all-to-all and die there with a traceback when it exits. So the
+    # ranks agree (DeepSpeed's load has no collective of its own) and every rank raises the same refusal.
+    refusals = [r for r in collectives.all_gather_objects(refusal) if r is not None]
+    if refusals:
+        raise UnsafeCheckpointError(refusals[0])
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint at {root / tag}")
     client_path = _client_state_path(root, tag, collectives.rank())

@@ -116,6 +116,17 @@ def kill_when_logged(args: list[str], run_dir: Path, step: int, timeout: float =
         kill_group(process)
 
 
+def assert_one_line_error(stderr: str, what: str = "") -> str:
+    """The refusal the CLI promises: a `moevit: error: ...` line (the same on every rank that prints it)
+    and no traceback. Returns the message."""
+    assert "Traceback" not in stderr, f"{what}: a traceback reached the user:\n{stderr[-4000:]}"
+    messages = {line for line in stderr.splitlines() if line.startswith("moevit: error: ")}
+    assert len(messages) == 1, (
+        f"{what}: expected one 'moevit: error:' message, got {messages}\n{stderr[-4000:]}"
+    )
+    return messages.pop()
+
+
 def comparable(records: list[dict]) -> list[dict]:
     """Records without the wall-clock speed fields, the only values two identical runs may differ in."""
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in records]

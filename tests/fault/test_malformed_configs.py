@@ -1,5 +1,6 @@
 """Malformed configurations through `moevit train` (issue 10): each is refused with a clear message
-naming the problem and a non-zero exit, before any process group starts, leaving no run directory.
+naming the problem (one `moevit: error:` line, no traceback) and exit 2, as
+docs/fault-tolerance.md promises, before any process group starts, leaving no run directory.
 
 The CLI runs in this process (`moevit.cli.main`, what the `moevit` script calls), so the whole table
 costs one import; that no process group started is checked directly, and one case runs as a real
@@ -15,6 +16,7 @@ import sys
 import pytest
 import torch.distributed as dist
 import yaml
+from fault_helpers import assert_one_line_error
 
 from moevit.cli import main
 
@@ -130,8 +132,9 @@ def test_malformed_config_is_refused_before_anything_starts(
     except SystemExit as exit:  # argparse-level errors exit directly
         status = exit.code
     error = capsys.readouterr().err
-    assert status not in (0, None), f"{case}: accepted"
+    assert status == 2, f"{case}: exit {status}, the README promises 2"
     assert expected in error, f"{case}: unclear error:\n{error}"
+    assert_one_line_error(error, case)
     assert not dist.is_initialized(), f"{case}: a process group started"
     assert not (tmp_path / "run").exists(), f"{case}: left a run directory behind"
 
@@ -144,11 +147,13 @@ def test_duplicate_key_and_invalid_yaml_are_refused(tmp_path, capsys, base_confi
     ]:
         (tmp_path / "bad.yaml").write_text(text)
         assert main(["train", str(tmp_path / "bad.yaml")]) == 2
-        assert expected in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert expected in error
+        assert_one_line_error(error, expected)
     assert not (tmp_path / "run").exists()
 
 
-def test_refusal_exits_non_zero_without_launching_workers(tmp_path, base_config):
+def test_refusal_exits_2_without_launching_workers(tmp_path, base_config):
     config = base_config(tmp_path)
     config["parallel"] = {"ep_size": 4}
     path = tmp_path / "bad.yaml"
@@ -160,6 +165,6 @@ def test_refusal_exits_non_zero_without_launching_workers(tmp_path, base_config)
         timeout=100,
     )
     assert done.returncode == 2
-    assert "parallel.ep_size=4 does not divide the world size 2" in done.stderr
+    assert "parallel.ep_size=4 does not divide the world size 2" in assert_one_line_error(done.stderr)
     assert "torch.distributed.run" not in done.stderr and "OMP_NUM_THREADS" not in done.stderr
     assert not (tmp_path / "run").exists()
