@@ -89,3 +89,24 @@ def test_a_good_config_is_relaunched_under_torchrun(tmp_path, monkeypatch):
     assert moevit_main(["train", str(config), "train.steps=4", "--nproc", "2", "--resume", "auto"]) == 0
     assert launched == [(["train", str(config), "train.steps=4", "--resume", "auto"], 2)]
     assert not (tmp_path / "run").exists()  # the workers create the run dir, not the launcher
+
+
+@pytest.mark.parametrize("worker_exit, expected", [(3, 3), (2, 2), (-9, 137)])
+def test_local_launch_exits_with_the_failed_workers_code(monkeypatch, worker_exit, expected):
+    """torchrun itself exits 1 with a traceback when a worker fails; `--nproc N` must pass on the worker's
+    code (2: refused input, 3: non-finite stop; a signal as a shell reports it)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from moevit.cli import local_launch
+
+    def fail(args):
+        raise ChildFailedError("moevit.cli", {1: ProcessFailure(1, 123, worker_exit, "<N/A>")})
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    assert (
+        local_launch.main(["--standalone", "--nproc-per-node=2", "-m", "moevit.cli", "train", "x"])
+        == expected
+    )
+    monkeypatch.setattr(torchrun, "run", lambda args: None)
+    assert local_launch.main(["--standalone", "--nproc-per-node=2", "-m", "moevit.cli", "train", "x"]) == 0
