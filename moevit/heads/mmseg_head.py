@@ -8,8 +8,10 @@ mmseg's backbones + necks produce). Training uses the head's own `loss_by_feat`,
 `loss_decode` (and `sampler`) apply; keys containing "loss" are summed into "loss", as mmengine's
 `parse_losses` does, and mmseg's "acc_seg" is dropped (a metric, not a loss).
 
-Not exercised by this repository's tests: no mmcv build fits the pinned torch, so the only
-tested path is the ImportError raised without the extra. Written against mmsegmentation 1.2.2's
+No mmcv build fits the pinned torch, so the real mmsegmentation is never exercised by this
+repository's tests: tests/unit/test_mmseg_adapter.py runs this adapter's own logic against a stand-in
+`mmseg` with the same interface, and tests/unit/test_heads.py the ImportError raised without the extra.
+Written against mmsegmentation 1.2.2's
 `BaseDecodeHead` (`forward(inputs)`, `loss_by_feat(seg_logits, data_samples)`, `align_corners`).
 """
 

@@ -21,6 +21,9 @@ from moevit.models.flops import (
 # A model small enough to count by hand: D=8, 3 channels, patch 4 on 8x8 images (4 patches +
 # class token = 5 tokens), 2 blocks of which block 1 is MoE with E=4, K=2, expert hidden 4D.
 D, C, P, IMG, E, K, TASKS = 8, 3, 4, 8, 4, 2, ("a", "b")
+# docs/performance.md promises that analytic and fvcore counts "agree to <0.01 %" (after fvcore's
+# conventions); the differences measured on these models are 0 to 3e-8, float rounding of the totals.
+PROMISED_AGREEMENT = 1e-4
 TINY = dict(
     img_size=IMG, patch_size=P, embed_dim=D, depth=2, num_heads=2, num_experts=E, top_k=K,
     moe_layers=[1], task_embedding=True,
@@ -167,7 +170,7 @@ def test_fvcore_agrees_with_analytic_where_it_counts(name, image_size, overrides
     model = make(name, **overrides)
     analytic = analytic_flops(model, image_size, "b")
     counted = fvcore_flops(model, image_size, "b")
-    assert counted["gflops"] == pytest.approx(analytic["gflops_without_sdpa"], rel=0.05)
+    assert counted["gflops"] == pytest.approx(analytic["gflops_without_sdpa"], rel=PROMISED_AGREEMENT)
     assert "aten::scaled_dot_product_attention" in counted["unsupported_ops"]
 
 
@@ -193,7 +196,7 @@ def test_mixture_of_attention_heads_flops():
     assert analytic["flops"]["moa_sdpa"] == moe_blocks * 2 * 2 * (tokens * 2) * tokens * 16
     assert analytic["flops"]["moa_head_experts"] == 2 * moa(top_k=1)[1]["flops"]["moa_head_experts"]
     counted = fvcore_flops(model, 32, "a")
-    assert counted["gflops"] == pytest.approx(analytic["gflops_without_sdpa"], rel=0.05)
+    assert counted["gflops"] == pytest.approx(analytic["gflops_without_sdpa"], rel=PROMISED_AGREEMENT)
 
 
 def test_fvcore_count_restores_routing_and_training_state():
@@ -222,7 +225,7 @@ def test_report_table_and_json():
     assert list(report["tasks"]) == list(TASKS)
     row = report["tasks"]["b"]
     assert row["image_size"] == [48, 48] and row["tokens"] == 1 + 36
-    assert abs(row["relative_difference"]) < 0.05
+    assert abs(row["relative_difference"]) < PROMISED_AGREEMENT
     assert row["gflops_analytic"] > row["gflops_fvcore"]  # fvcore leaves SDPA out
     table = format_flops_table(report)
     assert [line.split()[0] for line in table.splitlines()[2:4]] == ["a", "b"]

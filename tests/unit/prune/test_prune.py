@@ -119,7 +119,15 @@ def test_single_expert_layer_becomes_a_plain_mlp():
     pruned, manifest = extract(model.state_dict(), cfg, model.backbone, ["cls"], plan)
     assert not list(pruned.backbone.routed_layers())
     assert manifest.experts_per_block() == {1: 1, 3: 1}
-    pruned.backbone(images()) if False else pruned.predict("cls", {"images": images()})
+    # Each plain MLP computes what expert 2 computed: every token through that expert alone.
+    tokens = torch.randn(10, 64, generator=torch.Generator().manual_seed(2))
+    only_expert_2 = torch.tensor([0, 0, len(tokens), 0, 0, 0])
+    with torch.no_grad():
+        for name in ("blocks.1.mlp", "blocks.3.mlp"):
+            expert = model.backbone.get_submodule(name).experts(tokens, only_expert_2)
+            assert torch.equal(pruned.backbone.get_submodule(name)(tokens), expert), name
+        prediction = pruned.predict("cls", {"images": images()})
+    assert prediction.shape == (6, 7) and torch.isfinite(prediction).all()
 
 
 @WINDOWS
