@@ -154,3 +154,85 @@ def test_finetune_head_mode_freezes_the_backbone(run_dir, synth_root, tiny_confi
     assert head["params_trainable"] == sum(p.numel() for p in after.heads.parameters())
     assert full["params_trainable"] == full["params_total"] == head["params_total"]
     assert set(head["metrics"]) == {"top1", "top5"}
+
+
+@pytest.mark.parametrize("usage", ["counters", "auto"])
+def test_prune_selects_by_the_training_counters(run_dir, usage):
+    """`--usage counters` (and `auto`, which prefers them when the run kept them) selects on the moving
+    average of routing the run saved in its checkpoint, not on a calibration pass."""
+    from moevit.artifacts.checkpoints import resolve_checkpoint
+    from moevit.artifacts.usage import usage_from_run
+    from moevit.prune.criteria import Criterion, select_experts
+
+    out = run_dir / f"pruned_{usage}"
+    done = moevit(
+        "prune", "--checkpoint", str(run_dir / "run"), "--task", "imagenet", "--out", str(out), "--top", "1",
+        "--usage", usage,
+    )  # fmt: skip
+    ref = resolve_checkpoint(run_dir / "run")
+    counters, origin = usage_from_run(ref.run_root, ref.tag)
+    assert origin.startswith("moving average of the training counts")
+    assert f"usage: training counters: {origin}" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["usage_source"] == f"training counters: {origin}"
+    expected = select_experts(counters, ["imagenet"], {layer: 2 for layer in counters}, Criterion("top", 1))
+    assert report["kept_experts"] == expected
+    # The busiest expert by the counters, layer by layer: what "top 1" keeps.
+    assert expected == {
+        layer: [max(range(4), key=lambda e: rows["imagenet"][e])] for layer, rows in counters.items()
+    }
+
+
+def test_finetune_router_and_head_from_a_training_run(run_dir, synth_root, tiny_config):
+    """`--init RUN --from-task T --mode router+head`: the downstream task starts from T's routers and task
+    embedding in the unpruned run; only they and the head train, every other weight stays the run's."""
+    from moevit.artifacts.checkpoints import resolve_checkpoint
+    from moevit.config import load_config
+    from moevit.finetune.model import build_finetune_model
+    from moevit.models.param_names import parse_key
+    from moevit.parallel.checkpoint import consolidated_state_dict
+
+    config = tiny_config(
+        synth_root,
+        datasets=("downstream",),
+        model=None,
+        train={"optim": {"warmup_steps": 1}},
+        aux_loss={"mutual_information": 0.0},
+    )
+    (run_dir / "ft_run.yaml").write_text(yaml.safe_dump(config))
+    ref = resolve_checkpoint(run_dir / "run")
+    trained = {k.removeprefix("backbone."): v for k, v in consolidated_state_dict(ref.directory).items()}
+
+    def source_of(key: str, task: str) -> str:  # the run's tensor the downstream one starts from
+        return key.replace(".downstream", f".{task}")
+
+    cfg = load_config(str(run_dir / "ft_run.yaml"), [])
+    for task in ("imagenet", "ade20k"):  # --from-task picks whose routing the new task inherits
+        start, _ = build_finetune_model(cfg, str(run_dir / "run"), task)
+        for key, value in start.backbone.state_dict().items():
+            if not key.endswith(".usage"):
+                assert torch.equal(value, trained[source_of(key, task)]), (task, key)
+
+    out = run_dir / "ft_router_head"
+    done = moevit(
+        "finetune", str(run_dir / "ft_run.yaml"), "--init", str(run_dir / "run"), "--from-task", "imagenet",
+        "--mode", "router+head", f"output_dir={out}",
+    )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    after, manifest = load_pruned(out / "model")
+    assert result["mode"] == "router+head" and manifest.tasks == ["downstream"]
+    routing = {
+        k: v
+        for k, v in after.backbone.named_parameters()
+        if parse_key(k, prefix="").kind in ("gate", "task_embedding")
+    }
+    assert routing, "the model has routers"
+    assert result["params_trainable"] == sum(v.numel() for v in routing.values()) + sum(
+        p.numel() for p in after.heads.parameters()
+    )
+    for key, value in after.backbone.state_dict().items():
+        if key.endswith(".usage"):
+            continue
+        unchanged = torch.equal(value, trained[source_of(key, "imagenet")])
+        assert unchanged == (key not in routing), key  # frozen weights kept, every routing tensor trained
+    assert set(result["metrics"]) == {"top1", "top5"}
