@@ -1,4 +1,7 @@
-"""The tiny two-task model, config and data shared by the engine tests and their references.
+"""The tiny models, configs and data shared by the engine tests and their references: a two-task
+classification model with a hand-written objective (step_loss), and a three-task model (classification,
+detection, segmentation) for the tests that drive the training step itself; RecordingEngine keeps the
+gradients the engine reduced.
 
 Imported by test files in the parent process and by their worker functions in each rank.
 """
@@ -79,3 +82,90 @@ def step_loss(model, step: int, rank: int, world_size: int) -> torch.Tensor:
         out = model(task, rank_batch(step, task, rank, world_size))
         total = total + out.losses["loss"] + BALANCE_WEIGHT * load_balance_loss(list(out.routing.values()))
     return total
+
+
+# The three task types, for the tests that drive the real training step (moevit.train.step.MultiTaskStep)
+# through the engine: one classification, one detection (RetinaNet) and one segmentation (UperNet) task.
+THREE_TASK_TYPES = {"cls": "classification", "det": "detection", "seg": "segmentation"}
+THREE_TASK_CLASSES = {"cls": 10, "det": 5, "seg": 6}
+THREE_TASK_HEAD_OPTIONS = {"cls": {}, "det": {"out_channels": 32}, "seg": {"channels": 32}}
+
+
+def make_three_task_config(
+    ep_size: int, zero_stage: int, steps: int, grad_accum_steps: int = 1, **optim
+) -> Config:
+    """The three tasks' config; `optim` replaces OptimConfig fields."""
+    tasks = {
+        t: TaskConfig(type=kind, num_classes=THREE_TASK_CLASSES[t]) for t, kind in THREE_TASK_TYPES.items()
+    }
+    return Config(
+        tasks=tasks,
+        train=TrainConfig(steps=steps, grad_accum_steps=grad_accum_steps, optim=OptimConfig(**optim)),
+        parallel=ParallelConfig(ep_size=ep_size, zero_stage=zero_stage),
+    )
+
+
+def make_three_task_model(image_size: int, seg_dropout: float = 0.1, seed: int = 0) -> MultiTaskModel:
+    """moevit_debug with a head per task type; `seg_dropout` is the UperNet classifier's dropout."""
+    from moevit.heads import build_head
+    from moevit.models import create_model
+
+    torch.manual_seed(seed)
+    backbone = create_model("moevit_debug", tasks=list(THREE_TASK_TYPES), img_size=image_size)
+    for _, router in backbone.routers():  # zero gates tie every expert: MI would have no gradient
+        for gate in router.gates.values():
+            torch.nn.init.normal_(gate.weight, std=0.5)
+    options = {**THREE_TASK_HEAD_OPTIONS, "seg": {**THREE_TASK_HEAD_OPTIONS["seg"], "dropout": seg_dropout}}
+    heads = {
+        t: build_head(kind, THREE_TASK_CLASSES[t], backbone, image_size, **options[t])
+        for t, kind in THREE_TASK_TYPES.items()
+    }
+    return MultiTaskModel(backbone, heads)
+
+
+def three_task_batches(count: int, image_size: int, seed: int) -> dict[str, dict]:
+    """`count` images per task. Every segmentation image has the same number of valid (non-ignored)
+    pixels: the loss divides by the valid pixels of each forward, so only then does a mean over forwards
+    (ranks, accumulation rounds) equal the mean over the whole batch."""
+    g = torch.Generator().manual_seed(seed)
+    images = {t: torch.randn(count, 3, image_size, image_size, generator=g) for t in THREE_TASK_TYPES}
+    targets = []
+    for _ in range(count):
+        corners = torch.randint(0, image_size // 2, (2,), generator=g).float()
+        sides = torch.randint(image_size // 4, image_size // 2, (2,), generator=g).float()
+        label = torch.randint(0, THREE_TASK_CLASSES["det"], (1,), generator=g)
+        targets.append({"boxes": torch.cat([corners, corners + sides]).unsqueeze(0), "labels": label})
+    masks = torch.randint(0, THREE_TASK_CLASSES["seg"], (count, image_size, image_size), generator=g)
+    masks[:, : image_size // 8] = 255
+    return {
+        "cls": {"images": images["cls"], "labels": torch.randint(0, 10, (count,), generator=g)},
+        "det": {"images": images["det"], "targets": targets},
+        "seg": {"images": images["seg"], "masks": masks},
+    }
+
+
+class RecordingEngine:
+    """The DeepSpeed engine, recording the gradients it holds when it takes the optimizer step."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.gradients: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, task, batch):
+        return self.engine(task, batch)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        if self.engine.is_gradient_accumulation_boundary():
+            partitions = getattr(self.engine.optimizer, "averaged_gradients", None)
+            if partitions:  # ZeRO 1 and 2: the reduced gradient partitions, per optimizer group
+                self.gradients = {
+                    f"group {g}": torch.cat([t.flatten() for t in partitions[g]]) for g in sorted(partitions)
+                }
+            else:
+                self.gradients = {
+                    n: p.grad.clone() for n, p in self.engine.module.named_parameters() if p.grad is not None
+                }
+        self.engine.step()

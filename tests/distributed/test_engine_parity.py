@@ -6,6 +6,10 @@ for 10 steps on the same global batches; odd steps train only task "a", so task 
 routers get no gradient then (they must not stall the reduction). Clipping is active in every
 step. The reference replays the same steps on the unsharded model with torch's AdamW, LR
 schedule and global-norm clipping, averaging the two ranks' objectives.
+
+The objective here is hand-written (task losses plus load balance), so that a plain torch reference
+exists; the training step itself (moevit.train.step: MI, z-loss, a loss balancer, the three head
+types) runs through the engine at EP=2 vs EP=1 and vs one process in test_step_engine_parity.py.
 """
 
 from __future__ import annotations

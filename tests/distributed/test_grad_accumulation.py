@@ -11,44 +11,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import GROUP_TIMEOUT
+from engine_fixtures import (
+    GROUP_TIMEOUT,
+    THREE_TASK_CLASSES,
+    THREE_TASK_TYPES,
+    RecordingEngine,
+    make_three_task_config,
+    make_three_task_model,
+)
 
 pytestmark = pytest.mark.distributed
 
 IMAGE_SIZE = 64
 B = 2  # images per task and round
-TASK_TYPES = {"cls": "classification", "det": "detection", "seg": "segmentation"}
-NUM_CLASSES = {"cls": 10, "det": 5, "seg": 6}
-HEAD_OPTIONS = {"cls": {}, "det": {"out_channels": 32}, "seg": {"channels": 32}}
+TASK_TYPES = THREE_TASK_TYPES
+NUM_CLASSES = THREE_TASK_CLASSES
 
 
 def make_config(grad_accum_steps: int):
-    from moevit.config.schema import Config, OptimConfig, ParallelConfig, TaskConfig, TrainConfig
-
-    tasks = {t: TaskConfig(type=kind, num_classes=NUM_CLASSES[t]) for t, kind in TASK_TYPES.items()}
-    optim = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=0, grad_clip=0.0)
-    return Config(
-        tasks=tasks,
-        train=TrainConfig(steps=4, grad_accum_steps=grad_accum_steps, optim=optim),
-        parallel=ParallelConfig(ep_size=1, zero_stage=0),
+    return make_three_task_config(
+        1, 0, 4, grad_accum_steps, lr=1e-3, min_lr=1e-5, warmup_steps=0, grad_clip=0.0
     )
 
 
 def make_model():
-    from moevit.heads import build_head
-    from moevit.models import create_model
-    from moevit.models.multitask import MultiTaskModel
-
-    torch.manual_seed(0)
-    backbone = create_model("moevit_debug", tasks=list(TASK_TYPES), img_size=IMAGE_SIZE)
-    for _, router in backbone.routers():  # zero gates tie every expert: MI would have no gradient
-        for gate in router.gates.values():
-            torch.nn.init.normal_(gate.weight, std=0.5)
-    heads = {
-        t: build_head(kind, NUM_CLASSES[t], backbone, IMAGE_SIZE, **HEAD_OPTIONS[t])
-        for t, kind in TASK_TYPES.items()
-    }
-    return MultiTaskModel(backbone, heads)
+    return make_three_task_model(IMAGE_SIZE)
 
 
 def big_batches(seed: int = 0) -> dict[str, dict]:
@@ -85,33 +72,6 @@ def plan_of(batches: dict[str, dict], rounds: int):
         for t, batch in batches.items()
     )
     return StepPlan(0, items, rounds)
-
-
-class RecordingEngine:
-    """The DeepSpeed engine, recording the gradients it holds when it takes the optimizer step."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.gradients: dict[str, torch.Tensor] | None = None
-
-    def __call__(self, task, batch):
-        return self.engine(task, batch)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def step(self):
-        if self.engine.is_gradient_accumulation_boundary():
-            partitions = getattr(self.engine.optimizer, "averaged_gradients", None)
-            if partitions:  # ZeRO 1 and 2: the reduced gradient partitions, per optimizer group
-                self.gradients = {
-                    f"group {g}": torch.cat([t.flatten() for t in partitions[g]]) for g in sorted(partitions)
-                }
-            else:
-                self.gradients = {
-                    n: p.grad.clone() for n, p in self.engine.module.named_parameters() if p.grad is not None
-                }
-        self.engine.step()
 
 
 def accumulation_worker() -> dict:

@@ -1,11 +1,13 @@
-"""Resharding across expert-parallel sizes (issue 10): train at EP=2 on 2 ranks, reshard the checkpoint
-offline (moevit.parallel.reshard, behind `moevit ckpt reshard`) to EP=1, continue on 1 rank, reshard back to EP=2, continue on 2
-ranks. Weights and every expert's AdamW state must follow the experts, and the continued training must
-match the run that never resharded (EP=2 throughout) within 1e-6.
+"""Resharding across expert-parallel sizes (issue 10), the converter on the engine: train at EP=2 on 2 ranks,
+reshard the checkpoint offline (moevit.parallel.reshard, behind `moevit ckpt reshard`) to EP=1, continue
+on 1 rank, reshard back to EP=2, continue on 2 ranks. Weights and every expert's AdamW state must follow
+the experts exactly, and the continued training of this file's objective must match the run that never
+resharded (EP=2 throughout) within 1e-6.
 
-The engine tests' fixed global batches (engine_fixtures) are split in two shards; the single rank runs
-both shards (two forwards, one backward), so both layouts optimise the same objective and differ only
-in float summation order.
+The objective is the engine tests' (engine_fixtures), on fixed global batches split in two shards; the
+single rank runs both shards (two forwards, one backward), so both layouts optimise the same objective
+and differ only in float summation order. What `moevit train` itself does after a reshard (its loader,
+its step, at the new world size) is tests/fault/test_reshard_cli.py's.
 """
 
 from __future__ import annotations
