@@ -25,7 +25,8 @@ used only where installed (the GPU machines this is meant for have none of them)
 - moe_layer: benchmarks/moe_layer.py on the device in bf16, once per expert path: moevit's layer vs a
   dense MLP of equal active FLOPs vs DeepSpeed's stock MoE layer (skipped where DeepSpeed is missing);
 - nccl_parity: with 2+ GPUs and DeepSpeed, EP=2 over NCCL against EP=1 for 10 steps, as
-  tests/distributed/test_engine_parity.py checks over gloo; with one GPU it says so and measures nothing.
+  tests/distributed/test_engine_parity.py checks over gloo; with one GPU it says so and measures nothing
+  (the CPU smoke runs the same code over gloo).
 
 Every part is guarded: an exception is recorded (type, message, traceback tail) and the next part runs.
 The JSON is rewritten after every part, so a run cut off by a time limit still reports what finished.
@@ -44,6 +45,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +87,10 @@ PARTS = (
     "moe_layer",
     "nccl_parity",
 )
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "moevit_s16_hetero.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "paper" / "moevit_s16_hetero.yaml"
+# EP=2 against EP=1 (fp32, TF32 off): tests/distributed/test_engine_parity.py's tolerance
+PARITY_TOLERANCE = 1e-5
 TASKS = ("imagenet", "coco", "ade20k")
 
 
@@ -103,6 +108,7 @@ class Settings:
     model_overrides: tuple[str, ...]
     matmul_size: int
     moe_layer_argv: tuple[str, ...]
+    parity_steps: int
 
 
 GPU = Settings(
@@ -118,6 +124,7 @@ GPU = Settings(
     # ViT-S/16's MLP widths at equal active FLOPs (expert hidden 4D/k = 768 at top-2), 64 images of 197 tokens
     moe_layer_argv=("--tokens", "12608", "--dim", "384", "--expert-hidden", "768", "--no-vit-b")
     + ("--configs", "8:1,16:2,32:4", "--repeats", "20", "--warmup", "3"),
+    parity_steps=10,
 )
 CPU_SMOKE = Settings(
     device="cpu",
@@ -143,6 +150,7 @@ CPU_SMOKE = Settings(
     matmul_size=64,
     moe_layer_argv=("--tokens", "64", "--dim", "16", "--expert-hidden", "32", "--no-vit-b")
     + ("--configs", "4:2", "--repeats", "2", "--warmup", "1", "--threads", "1"),
+    parity_steps=2,
 )
 
 
@@ -518,17 +526,122 @@ def moe_layer(settings: Settings) -> dict:
     return {"argv": argv, "dtype": dtype, "deepspeed": result["deepspeed"], "paths": paths}
 
 
+def parity_worker(steps: int, backend: str) -> dict:
+    """One rank of the EP=1 / EP=2 parity run (tests/distributed/test_engine_parity.py's check, with its
+    model, config, data and objective): 10 steps at ZeRO 0 in fp32, TF32 off (the check compares
+    algorithms, not TF32's rounding); rank 0's losses and gathered weights per ep_size."""
+    import dataclasses as dc
+
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, step_loss
+
+    from moevit.parallel.collectives import all_reduce_sum
+    from moevit.parallel.engine import build_engine
+    from moevit.parallel.expert_parallel import gather_single_device_state_dict
+    from moevit.parallel.setup import ensure_expert_groups, initialize_distributed, shutdown_distributed
+
+    def config(ep_size: int):
+        cfg = make_config(ep_size, 0, steps)
+        cfg.parallel = dc.replace(cfg.parallel, precision="fp32", backend=backend)
+        return cfg
+
+    env = initialize_distributed(config(1), timeout=GROUP_TIMEOUT)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    ensure_expert_groups(2)
+    runs = {}
+    for ep_size in (1, 2):
+        engine = build_engine(make_model(), config(ep_size), env)
+        losses = []
+        for step in range(steps):
+            loss = step_loss(engine, step, env.rank, env.world_size)
+            engine.backward(loss)
+            engine.step()
+            losses.append((all_reduce_sum(loss) / env.world_size).item())
+        final = {k: v.cpu() for k, v in gather_single_device_state_dict(engine.module).items()}
+        runs[ep_size] = {"losses": losses, "final": final}
+    shutdown_distributed()
+    return runs
+
+
+def parity_in_subprocesses(steps: int, backend: str, world_size: int = 2, timeout_s: float = 150) -> list:
+    """Runs `parity_worker` as `world_size` ranks (this script with --parity-rank), torchrun's variables
+    set; returns each rank's result, or raises with the failing rank's log tail."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-parity-") as scratch:
+        procs, logs, results = [], [], []
+        for rank in range(world_size):
+            env = {
+                **os.environ,
+                **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)},
+                **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+            }
+            results.append(Path(scratch) / f"rank{rank}.pt")
+            logs.append(Path(scratch) / f"rank{rank}.log")
+            command = [
+                sys.executable,
+                __file__,
+                "--parity-rank",
+                str(results[-1]),
+                "--parity-steps",
+                str(steps),
+            ]
+            with open(logs[-1], "w") as log:
+                procs.append(
+                    subprocess.Popen([*command, "--parity-backend", backend], env=env, stdout=log, stderr=log)
+                )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break  # one rank failed: the other would wait on it until the group times out
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        failed = [rank for rank, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            tail = logs[failed[0]].read_text(errors="replace")[-3000:]
+            raise RuntimeError(
+                f"parity rank(s) {failed} failed or timed out after {timeout_s:.0f} s:\n{tail}"
+            )
+        return [torch.load(path, weights_only=False) for path in results]
+
+
 def nccl_parity(settings: Settings) -> dict:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus < 2:
-        where = "one GPU" if gpus == 1 else "no GPU"
-        return {"status": f"skipped: {where}; NCCL parity unmeasured", "gpus": gpus}
+    smoke = settings.device == "cpu"
+    if gpus < 2 and not smoke:
+        return {"status": "skipped: one GPU; NCCL parity unmeasured", "gpus": gpus}
     if not installed("deepspeed"):
         return {"status": "skipped: deepspeed not installed; NCCL parity unmeasured", "gpus": gpus}
+    # The CPU smoke runs the same code over gloo: it proves the script, not NCCL.
+    backend = "gloo" if smoke else "nccl"
+    rank0 = parity_in_subprocesses(settings.parity_steps, backend)[0]
+    ep1, ep2 = rank0[1], rank0[2]
+    loss_difference = max(abs(a - b) for a, b in zip(ep1["losses"], ep2["losses"]))
+    weight_difference, weight = max(
+        ((ep1["final"][k].float() - ep2["final"][k].float()).abs().max().item(), k)
+        for k in ep1["final"]
+        if not k.endswith(".usage")  # routers' usage counters count each rank's own tokens
+    )
+    ok = loss_difference <= PARITY_TOLERANCE and weight_difference <= PARITY_TOLERANCE
     return {
-        "status": "skipped: NCCL parity is not automated yet; run tests/distributed/test_engine_parity.py's "
-        "check with parallel.backend=nccl by hand",
+        **({} if ok else {"status": f"failed: EP=2 differs from EP=1 by more than {PARITY_TOLERANCE:g}"}),
+        "backend": backend + (" (CPU smoke: NCCL unmeasured)" if smoke else ""),
         "gpus": gpus,
+        "steps": settings.parity_steps,
+        "losses": {"ep1": ep1["losses"], "ep2": ep2["losses"]},
+        "max_loss_difference": loss_difference,
+        "max_weight_difference": weight_difference,
+        "max_weight_difference_at": weight,
+        "tolerance": PARITY_TOLERANCE,
     }
 
 
@@ -540,7 +653,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--cpu-smoke", action="store_true", help="tiny model on the CPU: the code paths, no figures"
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of the parts")
+    parser.add_argument("--parity-rank", type=Path, help=argparse.SUPPRESS)  # a parity rank's result file
+    parser.add_argument("--parity-steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--parity-backend", default="nccl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.parity_rank:
+        torch.set_num_threads(1)
+        torch.save(parity_worker(args.parity_steps, args.parity_backend), args.parity_rank)
+        return {}
     settings = CPU_SMOKE if args.cpu_smoke else GPU
     if args.cpu_smoke:
         torch.set_num_threads(1)  # a shared CI machine: more threads only wait on each other
