@@ -14,7 +14,9 @@ used only where installed (the GPU machines this is meant for have none of them)
   of configs/paper/moevit_s16_hetero.yaml's ViT-S/16 MoE (16 experts, MoE in every block) at top-2
   with experts of width 4D/2 (equal active FLOPs to the dense MLP), at 224 px, under bf16 autocast,
   against the dense ViT-S/16 of the same config (`model.moe.layers=none`); each of moevit's expert
-  paths (`model.moe.expert_impl` loop / grouped) that the layer accepts. Per contender: median step
+  paths (`model.moe.expert_impl` loop / grouped) that the layer accepts, and where DeepSpeed is
+  installed the first of them in the expert-parallel wrapper at ep_size 1 (what `moevit train` runs,
+  "-ep1"). Per contender: median step
   time, its ratio to dense, MFU (moevit.train.mfu, the training monitor's function, against the
   device's dense bf16 peak) and peak memory (torch.cuda.max_memory_allocated, weights to activations);
 - fp16_loss_scaling: a few fp16 steps of the same model with loss scaling (torch.amp.GradScaler: the
@@ -295,12 +297,13 @@ def step_plan(settings: Settings) -> StepPlan:
     return StepPlan(0, tuple(batches))
 
 
-def build_step(cfg, device: torch.device, dtype: torch.dtype, scaler=None) -> tuple[object, MultiTaskStep]:
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device).train()
-    engine = LocalEngine(model, cfg.train.optim, dtype=dtype, scaler=scaler)
+def build_step(cfg, device: torch.device, dtype: torch.dtype, scaler=None, model=None) -> MultiTaskStep:
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+    engine = LocalEngine(model.to(device).train(), cfg.train.optim, dtype=dtype, scaler=scaler)
     prior = dict.fromkeys(cfg.tasks, 1.0 / len(cfg.tasks))
-    return model, MultiTaskStep(engine, list(cfg.tasks), cfg.aux_loss, prior, 1, device)
+    return MultiTaskStep(engine, list(cfg.tasks), cfg.aux_loss, prior, 1, device)
 
 
 def reset_memory(device: torch.device) -> None:
@@ -309,10 +312,27 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure_contender(cfg, plan: StepPlan, settings: Settings, peak_tflops: float | None) -> dict:
+def measure_contender(
+    cfg, plan: StepPlan, settings: Settings, peak_tflops: float | None, expert_parallel: bool = False
+) -> dict:
+    """Median step time, MFU and peak memory of `cfg`'s model; `expert_parallel`: in the expert-parallel
+    wrapper at ep_size 1 (DeepSpeed's MoE layers, what `moevit train` runs), as in train_step.py."""
     device, dtype = torch.device(settings.device), settings.dtype
     reset_memory(device)
-    model, step = build_step(cfg, device, dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    images = {task: batch["images"].shape[0] for task, batch in plan}
+    # counted on the plain model: the analytic count reads moevit's expert layers, not the wrapper's
+    flops = training_flops(
+        images, forward_gflops_per_image(model, {t: cfg.tasks[t].image_size for t in images})
+    )
+    backbone_gflops = active_gflops(model, cfg)
+    impls = sorted({str(getattr(m, "expert_impl", "n/a")) for m in model.modules() if isinstance(m, MoEMlp)})
+    if expert_parallel:
+        from moevit.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model.backbone, 1)
+    step = build_step(cfg, device, dtype, model=model)
     weights = dict.fromkeys(cfg.tasks, 1.0)
     times, losses = [], []
     for index in range(settings.warmup + settings.steps):
@@ -324,15 +344,10 @@ def measure_contender(cfg, plan: StepPlan, settings: Settings, peak_tflops: floa
             times.append(time.perf_counter() - started)
         losses.append(result.total)
     median = statistics.median(times)
-    images = {task: batch["images"].shape[0] for task, batch in plan}
-    flops = training_flops(
-        images, forward_gflops_per_image(model, {t: cfg.tasks[t].image_size for t in images})
-    )
-    impls = sorted({str(getattr(m, "expert_impl", "n/a")) for m in model.modules() if isinstance(m, MoEMlp)})
     row = {
         "expert_impl_built": impls or None,
         "param_groups": step.engine.param_groups_kind,
-        "backbone_forward_gflops_per_step": active_gflops(model, cfg),
+        "backbone_forward_gflops_per_step": backbone_gflops,
         "train_tflop_per_step": flops / 1e12,
         "step_s": times,
         "median_step_s": median,
@@ -361,10 +376,14 @@ def train_step_bf16(settings: Settings) -> dict:
         )
     else:
         peak, peak_note = None, "no peak FLOP/s for a CPU: MFU not computed"
+    runs = [(name, cfg, False) for name, cfg in configs.items()]
+    if installed("deepspeed"):  # the wrapper is DeepSpeed's MoE layer
+        first, cfg = next(iter(configs.items()))
+        runs.insert(1, (f"{first}-ep1", cfg, True))
     contenders = {}
-    for name, cfg in configs.items():  # each guarded: one path failing leaves the others' figures
+    for name, cfg, expert_parallel in runs:  # each guarded: one path failing leaves the others' figures
         try:
-            contenders[name] = measure_contender(cfg, plan, settings, peak)
+            contenders[name] = measure_contender(cfg, plan, settings, peak, expert_parallel)
         except Exception as err:  # noqa: BLE001
             contenders[name] = {"status": "error", "error": f"{type(err).__name__}: {err}"[:2000]}
     dense = contenders["dense"].get("median_step_s")
@@ -397,7 +416,7 @@ def fp16_loss_scaling(settings: Settings) -> dict:
     name, cfg = next(iter(configs.items()))  # the first MoE contender
     plan = step_plan(settings)
     scaler = torch.amp.GradScaler(device.type)
-    model, step = build_step(cfg, device, torch.float16, scaler)
+    step = build_step(cfg, device, torch.float16, scaler)
     weights = dict.fromkeys(cfg.tasks, 1.0)
     history = []
     for _ in range(settings.fp16_steps):
