@@ -19,7 +19,7 @@ BENCHMARKS = REPO / "benchmarks"
 
 def load_benchmark(name: str):
     if str(BENCHMARKS) not in sys.path:  # the benchmarks import their shared step_helpers.py, as scripts do
-        sys.path.insert(0, str(BENCHMARKS))
+        sys.path.append(str(BENCHMARKS))  # last: benchmarks/data.py must not shadow anything
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
