@@ -19,8 +19,9 @@ used only where installed (the GPU machines this is meant for have none of them)
   "-ep1"). Per contender: median step
   time, its ratio to dense, MFU (moevit.train.mfu, the training monitor's function, against the
   device's dense bf16 peak) and peak memory (torch.cuda.max_memory_allocated, weights to activations);
-- fp16_loss_scaling: a few fp16 steps of the same model with loss scaling (torch.amp.GradScaler: the
-  DeepSpeed engine's scaler needs DeepSpeed), the scale and the losses;
+- fp16_loss_scaling: a few fp16 steps of the same model with torch.amp.GradScaler's loss scaling (the
+  scale, the losses, the skipped steps), and where DeepSpeed is installed the DeepSpeed engine's own
+  fp16 path (its dynamic loss scaler, moevit.parallel.precision) on the parity check's small model;
 - tf32: an fp32 matmul with TF32 off and on (moevit.parallel.precision.enable_tf32), time and error;
 - pinned_non_blocking: a training batch in pinned memory copied with moevit's move_batch
   (non_blocking on CUDA), how long the host waited against the whole copy, and that the copy is exact;
@@ -426,16 +427,35 @@ def fp16_loss_scaling(settings: Settings) -> dict:
         history.append({"loss": loss, "scale": before, "skipped": scaler.get_scale() < before})
     updated = sum(not entry["skipped"] for entry in history)
     finite = all(math.isfinite(entry["loss"]) for entry in history)
-    status = {} if finite and updated else {"status": f"failed: finite losses {finite}, updates {updated}"}
+    failures = [] if finite and updated else [f"GradScaler: finite losses {finite}, updates {updated}"]
+    engine = deepspeed_loss_scaling(settings)
+    if isinstance(engine, dict) and not engine["updates"]:
+        failures.append("DeepSpeed's engine made no update")
     return {
-        **status,
+        **({"status": f"failed: {'; '.join(failures)}"} if failures else {}),
         "contender": name,
-        "loss_scaler": "torch.amp.GradScaler (DeepSpeed's dynamic scaler runs only inside its engine)",
-        "deepspeed_installed": installed("deepspeed"),
+        "loss_scaler": "torch.amp.GradScaler on the train step's MoE model (LocalEngine, not DeepSpeed's)",
         "steps": history,
         "updates": updated,
         "final_scale": scaler.get_scale(),
+        "deepspeed_engine": engine,
     }
+
+
+def deepspeed_loss_scaling(settings: Settings) -> dict | str:
+    """The DeepSpeed engine's own fp16 path (its dynamic loss scaler) on the parity check's small model,
+    one rank in a subprocess; where DeepSpeed is missing, why not. The CPU smoke runs that code in fp32
+    (DeepSpeed's fp16 needs CUDA): no scaler, the code path only."""
+    if not installed("deepspeed"):
+        return "skipped: deepspeed not installed"
+    cuda = settings.device == "cuda"
+    result = run_ranks(
+        "deepspeed_fp16", settings.fp16_steps, "nccl" if cuda else "gloo", "fp16" if cuda else "fp32", 1
+    )[0]
+    result["updates"] = sum(not entry["skipped"] for entry in result["steps"])
+    if not cuda:
+        result["note"] = "CPU smoke: fp32 over gloo, no loss scaler; the code path only"
+    return result
 
 
 def tf32(settings: Settings) -> dict:
@@ -545,7 +565,7 @@ def moe_layer(settings: Settings) -> dict:
     return {"argv": argv, "dtype": dtype, "deepspeed": result["deepspeed"], "paths": paths}
 
 
-def parity_worker(steps: int, backend: str) -> dict:
+def parity_worker(steps: int, backend: str, precision: str) -> dict:
     """One rank of the EP=1 / EP=2 parity run (tests/distributed/test_engine_parity.py's check, with its
     model, config, data and objective): 10 steps at ZeRO 0 in fp32, TF32 off (the check compares
     algorithms, not TF32's rounding); rank 0's losses and gathered weights per ep_size."""
@@ -561,7 +581,7 @@ def parity_worker(steps: int, backend: str) -> dict:
 
     def config(ep_size: int):
         cfg = make_config(ep_size, 0, steps)
-        cfg.parallel = dc.replace(cfg.parallel, precision="fp32", backend=backend)
+        cfg.parallel = dc.replace(cfg.parallel, precision=precision, backend=backend)
         return cfg
 
     env = initialize_distributed(config(1), timeout=GROUP_TIMEOUT)
@@ -583,8 +603,41 @@ def parity_worker(steps: int, backend: str) -> dict:
     return runs
 
 
-def parity_in_subprocesses(steps: int, backend: str, world_size: int = 2, timeout_s: float = 150) -> list:
-    """Runs `parity_worker` as `world_size` ranks (this script with --parity-rank), torchrun's variables
+def deepspeed_fp16_worker(steps: int, backend: str, precision: str) -> dict:
+    """One rank training the parity check's two-task model with the DeepSpeed engine at `precision`
+    (fp16: DeepSpeed's dynamic loss scaler, moevit.parallel.precision): per step the loss, the scale
+    and whether the engine skipped the update on overflow."""
+    import dataclasses as dc
+
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, step_loss
+
+    from moevit.parallel.engine import build_engine
+    from moevit.parallel.setup import initialize_distributed, shutdown_distributed
+
+    cfg = make_config(1, 0, steps)
+    cfg.parallel = dc.replace(cfg.parallel, precision=precision, backend=backend)
+    env = initialize_distributed(cfg, timeout=GROUP_TIMEOUT)
+    engine = build_engine(make_model(), cfg, env)
+    history = []
+    for step in range(steps):
+        scale, skipped = getattr(engine.optimizer, "loss_scale", None), engine.skipped_steps
+        loss = step_loss(engine, step, env.rank, env.world_size)
+        engine.backward(loss)
+        engine.step()
+        history.append({"loss": loss.item(), "scale": scale, "skipped": engine.skipped_steps > skipped})
+    final_scale = getattr(engine.optimizer, "loss_scale", None)
+    shutdown_distributed()
+    return {"precision": precision, "steps": history, "final_scale": final_scale}
+
+
+RANK_JOBS = {"parity": parity_worker, "deepspeed_fp16": deepspeed_fp16_worker}
+
+
+def run_ranks(
+    job: str, steps: int, backend: str, precision: str, world_size: int = 2, timeout_s: float = 150
+) -> list:
+    """Runs RANK_JOBS[job] as `world_size` ranks (this script with --rank-result), torchrun's variables
     set; returns each rank's result, or raises with the failing rank's log tail."""
     import socket
 
@@ -601,18 +654,10 @@ def parity_in_subprocesses(steps: int, backend: str, world_size: int = 2, timeou
             }
             results.append(Path(scratch) / f"rank{rank}.pt")
             logs.append(Path(scratch) / f"rank{rank}.log")
-            command = [
-                sys.executable,
-                __file__,
-                "--parity-rank",
-                str(results[-1]),
-                "--parity-steps",
-                str(steps),
-            ]
+            command = [sys.executable, __file__, "--rank-result", str(results[-1]), "--rank-job", job]
+            command += ["--rank-steps", str(steps), "--rank-backend", backend, "--rank-precision", precision]
             with open(logs[-1], "w") as log:
-                procs.append(
-                    subprocess.Popen([*command, "--parity-backend", backend], env=env, stdout=log, stderr=log)
-                )
+                procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
         deadline = time.monotonic() + timeout_s
         try:
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -627,9 +672,7 @@ def parity_in_subprocesses(steps: int, backend: str, world_size: int = 2, timeou
         failed = [rank for rank, p in enumerate(procs) if p.returncode != 0]
         if failed:
             tail = logs[failed[0]].read_text(errors="replace")[-3000:]
-            raise RuntimeError(
-                f"parity rank(s) {failed} failed or timed out after {timeout_s:.0f} s:\n{tail}"
-            )
+            raise RuntimeError(f"{job} rank(s) {failed} failed or timed out after {timeout_s:.0f} s:\n{tail}")
         return [torch.load(path, weights_only=False) for path in results]
 
 
@@ -642,7 +685,8 @@ def nccl_parity(settings: Settings) -> dict:
         return {"status": "skipped: deepspeed not installed; NCCL parity unmeasured", "gpus": gpus}
     # The CPU smoke runs the same code over gloo: it proves the script, not NCCL.
     backend = "gloo" if smoke else "nccl"
-    rank0 = parity_in_subprocesses(settings.parity_steps, backend)[0]
+    # fp32 with TF32 off (parity_worker): the check compares algorithms, not bf16's or TF32's rounding
+    rank0 = run_ranks("parity", settings.parity_steps, backend, "fp32")[0]
     ep1, ep2 = rank0[1], rank0[2]
     loss_difference = max(abs(a - b) for a, b in zip(ep1["losses"], ep2["losses"]))
     weight_difference, weight = max(
@@ -672,13 +716,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--cpu-smoke", action="store_true", help="tiny model on the CPU: the code paths, no figures"
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of the parts")
-    parser.add_argument("--parity-rank", type=Path, help=argparse.SUPPRESS)  # a parity rank's result file
-    parser.add_argument("--parity-steps", type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument("--parity-backend", default="nccl", help=argparse.SUPPRESS)
+    # one rank of run_ranks: where its result goes, which job, and the job's arguments
+    parser.add_argument("--rank-result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-job", choices=sorted(RANK_JOBS), help=argparse.SUPPRESS)
+    parser.add_argument("--rank-steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-backend", default="nccl", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.parity_rank:
+    if args.rank_result:
         torch.set_num_threads(1)
-        torch.save(parity_worker(args.parity_steps, args.parity_backend), args.parity_rank)
+        job = RANK_JOBS[args.rank_job]
+        torch.save(job(args.rank_steps, args.rank_backend, args.rank_precision), args.rank_result)
         return {}
     settings = CPU_SMOKE if args.cpu_smoke else GPU
     if args.cpu_smoke:

@@ -202,6 +202,10 @@ def test_gpu_check_cpu_smoke_reports_every_part(tmp_path, optional_packages):
 
     fp16 = parts["fp16_loss_scaling"]
     assert fp16["updates"] >= 1 and fp16["loss_scaler"].startswith("torch.amp.GradScaler")
+    if missing:
+        assert fp16["deepspeed_engine"] == "skipped: deepspeed not installed"
+    else:  # the DeepSpeed engine's code path, fp32 on the CPU
+        assert fp16["deepspeed_engine"]["updates"] == len(fp16["deepspeed_engine"]["steps"]) > 0
 
     layer = parts["moe_layer"]
     assert layer["deepspeed"] == ("skipped: deepspeed not installed" if missing else "measured")
