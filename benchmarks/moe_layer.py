@@ -6,12 +6,17 @@ machine noise hits them alike:
 - (a) moevit's `MoEMlp`: dropless, task-routed (one task's gate), sorted grouped matmuls;
 - (b) a dense timm `Mlp` with hidden width k x expert hidden: the same active FLOPs;
 - (c) DeepSpeed's `deepspeed.moe.layer.MoE` with its defaults and capacity factor 1.25 (drops tokens
-  over capacity; its experts compute capacity-padded buffers).
+  over capacity; its experts compute capacity-padded buffers); left out, and said so, where DeepSpeed
+  is not installed.
 
 Gates get random weights (a zero-initialised gate sends every token to the same k experts), the
 same ones in (a) and (c), so both route alike. One timed run is forward + backward of the layer on
 a fixed (T, D) input that requires grad, with a fixed output gradient. Prints medians, spread and
 the ratios a/b and a/c, both of medians and as the median of each round's own ratio. Not a test: speed targets are measured, not asserted.
+
+`--device cuda --dtype bf16` runs the layers on the GPU under bf16 autocast (as training does), timed
+with the device synchronised; `--expert-impl` asks moevit's layer for one expert path
+(`model.moe.expert_impl`). benchmarks/gpu_check.py runs it so.
 
     python benchmarks/moe_layer.py --threads 2 --repeats 9 [--json OUT] [--profile E:K]
 """
@@ -64,15 +69,28 @@ def parse_shapes(args: argparse.Namespace) -> list[Shape]:
     return shapes
 
 
-def build_contenders(shape: Shape, seed: int) -> dict[str, torch.nn.Module]:
-    from deepspeed.moe.layer import MoE
+def deepspeed_moe_class():
+    """DeepSpeed's stock MoE layer, or None where DeepSpeed is not installed (the GPU check's machine)."""
+    try:
+        from deepspeed.moe.layer import MoE
+    except ImportError:
+        return None
+    return MoE
 
+
+def build_contenders(shape: Shape, seed: int, expert_impl: str | None = None) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
-    moe = MoEMlp(shape.dim, shape.expert_hidden, shape.num_experts, shape.top_k, [TASK])
+    # expert_impl only when asked: a layer without that argument still runs its one path
+    impl = {} if expert_impl is None else {"expert_impl": expert_impl}
+    moe = MoEMlp(shape.dim, shape.expert_hidden, shape.num_experts, shape.top_k, [TASK], **impl)
     gate_weight = torch.randn(shape.num_experts, shape.dim) * shape.dim**-0.5
     with torch.no_grad():
         moe.router.gates[TASK].weight.copy_(gate_weight)
     dense = Mlp(shape.dim, shape.top_k * shape.expert_hidden)
+    contenders = {"a moevit": moe.train(), "b dense": dense.train()}
+    MoE = deepspeed_moe_class()
+    if MoE is None:
+        return contenders
     deepspeed_moe = MoE(
         hidden_size=shape.dim,
         expert=Mlp(shape.dim, shape.expert_hidden),
@@ -83,18 +101,29 @@ def build_contenders(shape: Shape, seed: int) -> dict[str, torch.nn.Module]:
     )
     with torch.no_grad():
         deepspeed_moe.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
-    return {"a moevit": moe.train(), "b dense": dense.train(), "c deepspeed": deepspeed_moe.train()}
+    return {**contenders, "c deepspeed": deepspeed_moe.train()}
 
 
-def run_once(name: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def compute_dtype(name: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16}[name]
+
+
+def run_once(
+    name: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None = None
+) -> float:
+    if x.is_cuda:  # time the layer's kernels, not only their launch
+        torch.cuda.synchronize(x.device)
     started = time.perf_counter()
-    if name.startswith("a"):
-        y = module(x, TASK)[0]
-    elif name.startswith("c"):
-        y = module(x)[0]
-    else:
-        y = module(x)
-    y.backward(grad)
+    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype is not None):
+        if name.startswith("a"):
+            y = module(x, TASK)[0]
+        elif name.startswith("c"):
+            y = module(x)[0]
+        else:
+            y = module(x)
+    y.backward(grad.to(y.dtype))
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     elapsed = time.perf_counter() - started
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -109,14 +138,18 @@ def routing_imbalance(moe: MoEMlp, x: torch.Tensor) -> float:
 
 
 def measure(shape: Shape, args: argparse.Namespace) -> dict:
-    contenders = build_contenders(shape, args.seed)
+    device, dtype = torch.device(args.device), compute_dtype(args.dtype)
+    contenders = {
+        name: module.to(device)
+        for name, module in build_contenders(shape, args.seed, args.expert_impl).items()
+    }
     generator = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(shape.tokens, shape.dim, generator=generator).requires_grad_(True)
-    grad = torch.randn(shape.tokens, shape.dim, generator=generator)
+    x = torch.randn(shape.tokens, shape.dim, generator=generator).to(device).requires_grad_(True)
+    grad = torch.randn(shape.tokens, shape.dim, generator=generator).to(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(args.warmup + args.repeats):
         for name, module in contenders.items():
-            elapsed = run_once(name, module, x, grad)
+            elapsed = run_once(name, module, x, grad, dtype)
             if round_ >= args.warmup:
                 times[name].append(elapsed)
     medians = {name: statistics.median(samples) for name, samples in times.items()}
@@ -124,6 +157,7 @@ def measure(shape: Shape, args: argparse.Namespace) -> dict:
     paired = {
         other: statistics.median(a / o for a, o in zip(times["a moevit"], times[name]))
         for other, name in (("b", "b dense"), ("c", "c deepspeed"))
+        if name in times
     }
     return {
         "config": shape.name,
@@ -132,9 +166,9 @@ def measure(shape: Shape, args: argparse.Namespace) -> dict:
         "times_s": times,
         "median_s": medians,
         "a_over_b": medians["a moevit"] / medians["b dense"],
-        "a_over_c": medians["a moevit"] / medians["c deepspeed"],
+        "a_over_c": medians["a moevit"] / medians["c deepspeed"] if "c deepspeed" in medians else None,
         "a_over_b_paired": paired["b"],
-        "a_over_c_paired": paired["c"],
+        "a_over_c_paired": paired.get("c"),
     }
 
 
@@ -168,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default=None, metavar="E:K", help="profile moevit at E:k and exit")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: under autocast")
+    parser.add_argument("--expert-impl", default=None, help="moevit's expert path (model.moe.expert_impl)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,18 +232,23 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         cells = []
         for name in ("a moevit", "b dense", "c deepspeed"):
-            samples = row["times_s"][name]
-            cells.append(f"{row['median_s'][name]:.3f} ({min(samples):.3f}-{max(samples):.3f})")
+            samples = row["times_s"].get(name)
+            cells.append(
+                f"{row['median_s'][name]:.3f} ({min(samples):.3f}-{max(samples):.3f})" if samples else "-"
+            )
+        a_over_c, a_over_c_paired = (
+            f"{row[k]:5.2f}" if row[k] else "    -" for k in ("a_over_c", "a_over_c_paired")
+        )
         print(
             f"{row['config']:<13} {row['tokens']:>5}x{row['dim']:<4} {row['expert_hidden']:>5} "
             f"{row['imbalance']:5.2f} {cells[0]:>19} {cells[1]:>19} {cells[2]:>19} "
-            f"{row['a_over_b']:5.2f} {row['a_over_c']:5.2f} {row['a_over_b_paired']:10.2f} "
-            f"{row['a_over_c_paired']:5.2f}"
+            f"{row['a_over_b']:5.2f} {a_over_c} {row['a_over_b_paired']:10.2f} {a_over_c_paired}"
         )
     result = {
         "args": vars(args),
         "torch": torch.__version__,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "deepspeed": "measured" if deepspeed_moe_class() else "skipped: deepspeed not installed",
         "load_average_before_after": [load_before[0], load_after[0]],
         "rows": rows,
     }

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 TOLERANCE = 0.35
-SAMPLE_SIZES = {"imagenet": (375, 500), "coco": (480, 640), "ade20k": (512, 683)}  # (H, W) as in the datasets
 
 
 # ------------------------------------------------------------------------------------- one task
@@ -70,42 +69,9 @@ class ResidentPeak:
         self._thread.join()
 
 
-def training_batch(task_type: str, data, image_size: int, num_classes: int) -> dict:
-    """One synthetic sample in the reader's format through the task's training transforms and collate."""
-    import torch
-    from torchvision import tv_tensors
-
-    from moevit.data.collate import collate_for_task
-    from moevit.data.transforms import build_transforms
-
-    height, width = SAMPLE_SIZES[data.format]
-    generator = torch.Generator().manual_seed(0)
-    image = tv_tensors.Image(
-        torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-    )
-    sample: dict = {"image": image, "key": "benchmark/0"}
-    if task_type == "classification":
-        sample["label"] = 0
-    elif task_type == "detection":
-        corners = torch.rand(12, 2, generator=generator) * torch.tensor([width / 2, height / 2])
-        sizes = 16 + torch.rand(12, 2, generator=generator) * torch.tensor([width / 2, height / 2])
-        boxes = torch.cat([corners, corners + sizes], dim=1)
-        sample["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
-        sample["labels"] = torch.randint(0, num_classes, (12,), generator=generator)
-        sample["image_id"] = 1
-    else:
-        sample["mask"] = tv_tensors.Mask(
-            torch.randint(0, num_classes, (height, width), dtype=torch.uint8, generator=generator)
-        )
-    transform = build_transforms(
-        task_type, True, image_size, data.transform_settings(), crop_scale=data.crop_scale
-    )
-    torch.manual_seed(0)
-    return collate_for_task(task_type)([transform(sample)])
-
-
 def measure_task(config: str, overrides: list[str], task: str) -> dict:
     import torch
+    from step_helpers import training_batch  # benchmarks/, the script's folder
     from torch.utils.flop_counter import FlopCounterMode
 
     from moevit.config import load_config

@@ -34,57 +34,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from step_helpers import LocalEngine, active_gflops, equal_flops_overrides  # noqa: E402
 
 from moevit.config import load_config  # noqa: E402
 from moevit.data.synth import write_synthetic_datasets  # noqa: E402
 from moevit.factory import build_model  # noqa: E402
-from moevit.layers.moe_mlp import MoEMlp  # noqa: E402
-from moevit.models.flops import analytic_flops  # noqa: E402
-from moevit.parallel.engine import optimizer_param_groups  # noqa: E402
 from moevit.parallel.expert_parallel import apply_expert_parallel  # noqa: E402
 from moevit.train.loader import build_train_loader  # noqa: E402
 from moevit.train.step import MultiTaskStep  # noqa: E402
-
-
-class LocalEngine:
-    """The engine interface MultiTaskStep drives, on one process with torch's AdamW."""
-
-    def __init__(self, model: torch.nn.Module, optim):
-        self.module = model
-        self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
-        )
-        self.grad_clip = optim.grad_clip
-
-    def __call__(self, task, batch):
-        return self.module(task, batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-def equal_flops_overrides(cfg) -> list[str]:
-    """`model.moe.expert_hidden` making K experts cost one dense MLP (mlp_ratio x D)."""
-    probe = build_model(cfg).backbone
-    moe = next(m for m in probe.modules() if isinstance(m, MoEMlp))
-    dense_hidden = int(probe.embed_dim * (cfg.model.mlp_ratio or 4.0))
-    if dense_hidden % moe.top_k:
-        raise ValueError(f"dense MLP width {dense_hidden} is not divisible by top_k={moe.top_k}")
-    return [f"model.moe.expert_hidden={dense_hidden // moe.top_k}"]
-
-
-def active_gflops(model, cfg) -> float:
-    """Forward GFLOPs of the backbone per step: each task's per-image count x its batch size."""
-    return sum(
-        analytic_flops(model.backbone, task.data.image_size, name)["gflops"] * task.data.batch_size
-        for name, task in cfg.tasks.items()
-    )
 
 
 def contenders(args: argparse.Namespace, variant: str, data_root: Path) -> tuple[dict, object]:

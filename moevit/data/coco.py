@@ -16,13 +16,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from moevit.data.decode import clip_coco_box, coco_target_from_annotations, decode_image
 from moevit.data.errors import CorruptSampleError, DatasetLayoutError
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ def resolve_split(split: str) -> str:
 
 
 def _load_coco(annotation_file: Path) -> COCO:
+    # Imported here, not at module level: importing moevit.data (collate, transforms) must not need
+    # pycocotools where no COCO file is read (benchmarks/gpu_check.py on a bare GPU machine).
+    from pycocotools.coco import COCO
+
     try:
         # pycocotools prints progress to stdout; keep it out of training logs.
         with contextlib.redirect_stdout(io.StringIO()):

@@ -43,12 +43,6 @@ from moevit.layers.moe_attention import MoEAttention
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.moe_vit import MoEViT
 
-with warnings.catch_warnings():
-    # Importing fvcore.nn scripts its focal loss with torch.jit.script, which torch now flags as
-    # deprecated; the warning says nothing about flop counting, so `moevit flops` hides it.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-
 ANALYTIC_COMPONENTS = (
     "patch_embed",  # the patch convolution
     "attention_projections",  # dense attention: qkv and output projection
@@ -268,6 +262,13 @@ def fvcore_flops(
         1, model.patch_embed.proj.in_channels, height, width, device=reference.device, dtype=reference.dtype
     )
     wrapper = _FeaturesForTracing(model, task, head)
+    # Imported here, not at module level: the analytic count (and the MFU of training, which uses it)
+    # must work where fvcore is not installed (benchmarks/gpu_check.py on a bare GPU machine).
+    with warnings.catch_warnings():
+        # Importing fvcore.nn scripts its focal loss with torch.jit.script, which torch now flags as
+        # deprecated; the warning says nothing about flop counting, so `moevit flops` hides it.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
     analysis = (
         FlopCountAnalysis(wrapper, images)
         .unsupported_ops_warnings(False)

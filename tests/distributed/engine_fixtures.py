@@ -76,10 +76,13 @@ def rank_batch(step: int, task: str, rank: int, world_size: int) -> dict[str, to
 
 
 def step_loss(model, step: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's objective of one step: task losses plus the load-balance loss of each task's routing."""
-    total = torch.zeros(())
+    """This rank's objective of one step: task losses plus the load-balance loss of each task's routing.
+    The batches go where the model is (a GPU under NCCL: benchmarks/gpu_check.py runs this check there)."""
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     for task in tasks_of_step(step):
-        out = model(task, rank_batch(step, task, rank, world_size))
+        batch = {key: value.to(device) for key, value in rank_batch(step, task, rank, world_size).items()}
+        out = model(task, batch)
         total = total + out.losses["loss"] + BALANCE_WEIGHT * load_balance_loss(list(out.routing.values()))
     return total
 
