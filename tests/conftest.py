@@ -1,6 +1,10 @@
 """Shared test settings and fixtures.
 
-One thread per process keeps timings stable on the 2-core CI machine.
+One thread per process keeps timings stable on the 2-core CI machine. Users' single-process commands
+(`moevit prune`, `moevit eval`, `moevit expand`, `moevit train --nproc 1`) run at torch's default thread
+count instead (torchrun sets one thread per process for `--nproc N > 1`), where a matmul may split its
+work differently: a test marked `bit_exact` runs at both counts (`torch_threads`), so a bit-exactness
+promise is checked under the setting users run too.
 
 `tiny_config` is the one builder of the tiny training configs that the end-to-end, fault, distributed
 and SLURM tests train on, and `synth_root` holds the tiny synthetic data they read, written once per
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+DEFAULT_THREADS = torch.get_num_threads()  # read before the line below: what a user's process runs with
 torch.set_num_threads(1)
 
 # The tiny synthetic datasets, by their directory under the synthetic root: (task type, classes, format).
@@ -89,6 +94,23 @@ def build_tiny_config(
     if output_dir is not None:
         config["output_dir"] = str(output_dir)
     return merge(config, sections)
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked `bit_exact` run once per thread count: one (the suite's) and torch's default."""
+    if metafunc.definition.get_closest_marker("bit_exact") is None:
+        return
+    counts = sorted({1, DEFAULT_THREADS})
+    metafunc.fixturenames.append("torch_threads")
+    metafunc.parametrize("torch_threads", counts, indirect=True, ids=[f"threads{n}" for n in counts])
+
+
+@pytest.fixture
+def torch_threads(request):
+    """The test body runs with `request.param` intra-op threads; the suite's one thread afterwards."""
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

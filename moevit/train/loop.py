@@ -36,6 +36,7 @@ from moevit.train.mfu import forward_gflops_per_image, run_peak_tflops
 from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model, start_from_init
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
+from moevit.train.schedule_change import read_train_section, schedule_change_note
 from moevit.train.state import TrainState, build_train_state
 from moevit.train.throughput import Throughput
 from moevit.train.wandb_sink import WandbSink, check_wandb_available
@@ -102,6 +103,8 @@ def run_training(
     check_output_dir(cfg, resume)
     check_wandb_available(cfg, source)
     checkpoint = resolve_resume(resume, run.root)
+    # The checkpoint's schedule, read before prepare_run_dir rewrites config.yaml with this run's config.
+    previous_train = read_train_section(RunDir(checkpoint.run_root).config_file) if checkpoint else None
     if model is None:
         model = build_checked_model(cfg, detect_environment().world_size, source)
     # model.init on every rank, before the engine shards the experts; a resumed run's checkpoint
@@ -137,6 +140,9 @@ def run_training(
             logger.message(line)
     if checkpoint is not None:
         logger.message(f"resumed from {checkpoint.directory} at step {start_step}")
+        note = schedule_change_note(previous_train, cfg, start_step)
+        if note is not None:
+            logger.message(note)
     if init_report is not None and is_main_process():
         write_init_report(run.root, init_report)
         logger.message(init_report.summary() + f" (details: {run.root / 'init_report.json'})")

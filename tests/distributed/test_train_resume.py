@@ -1,30 +1,52 @@
-"""Exact resume (issue 4, item 6): 2N steps give bit-identical losses to N steps + resume + N steps,
-on 2 CPU processes with expert parallelism (EP=2), the mutual-information loss, uncertainty weighting and
-router jitter.
+"""Exact resume (issue 4, item 6; issue 22): a 2N-step run stopped after N steps and resumed gives
+bit-identical records to the same run uninterrupted, on 2 CPU processes with expert parallelism (EP=2),
+the mutual-information loss, uncertainty weighting and router jitter.
 
-The first half runs with `train.steps = N`; both halves stay inside the LR warmup, so the schedule is the
-same as the straight run's. Evaluations and checkpoints happen at the same steps in both runs (an
-evaluation's DataLoader draws from the global torch RNG, which the checkpoint then carries).
+What the README promises, and so what is tested: the interrupted run and the resumed one have the same
+config, `train.steps = 2N` included, since `train.steps` sets the cosine LR schedule. The first leg is
+stopped after step N by SIGTERM (what `scancel` and torchrun send: checkpoint and exit), on every rank.
+The warmup ends before step N, so both legs train in the cosine part of the schedule, where a first leg
+run with `train.steps = N` would have taken other lrs (asserted below, so the test cannot silently go
+back inside the warmup); that longer-schedule continuation is not the same run, and the loop says so
+(moevit.train.schedule_change, tests/unit/test_schedule_change.py).
+
+Evaluations and checkpoints happen at the same steps in both runs (an evaluation's DataLoader draws from
+the global torch RNG, which the checkpoint then carries).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
+import moevit.train.loop
 from moevit.config import build_config
 from moevit.config.schema import Config
+from moevit.parallel.engine import warmup_cosine_factor
 from moevit.train.loop import run_training
 from moevit.train.throughput import WALL_CLOCK_FIELDS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 HALF = 3
+WARMUP = 1  # ends before step HALF: the steps of both legs after it follow the cosine
 
 
-def train_worker(config: dict, resume: str | None) -> dict:
-    """One rank of a training launch (run by run_workers in a fresh process)."""
+def train_worker(config: dict, resume: str | None, stop_after: int | None = None) -> dict:
+    """One rank of a training launch (run by run_workers in a fresh process); with `stop_after`, the
+    rank sends itself SIGTERM once that step has trained, as a launcher stopping the job would."""
+    if stop_after is not None:
+        train_one_step = moevit.train.loop.train_one_step
+
+        def then_terminate(state, engine, logger, step, device):
+            train_one_step(state, engine, logger, step, device)
+            if step == stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler: checkpoint at this step, exit
+
+        moevit.train.loop.train_one_step = then_terminate
     return run_training(build_config(Config, config), resume)
 
 
@@ -47,7 +69,7 @@ def make_config(
             "checkpoint_every": HALF,
             "num_workers": num_workers,
             "grad_accum_steps": grad_accum_steps,
-            "optim": {"warmup_steps": 2 * HALF},
+            "optim": {"warmup_steps": WARMUP},
             "loss_balancing": {"method": "uncertainty", "lr": 0.1},
             "sampling": {"strategy": sampling},
         },
@@ -77,13 +99,14 @@ def test_two_halves_with_resume_equal_one_straight_run(
     tmp_path, synth_root, tiny_config, run_workers, sampling, num_workers, grad_accum_steps
 ):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    for run_dir, steps, resume in (
-        (straight, 2 * HALF, None),
-        (halves, HALF, None),
-        (halves, 2 * HALF, "auto"),
-    ):
-        config = make_config(tiny_config, synth_root, run_dir, steps, sampling, num_workers, grad_accum_steps)
-        run_workers(train_worker, 2, 150, config=config, resume=resume)
+    for run_dir, resume, stop_after in ((straight, None, None), (halves, None, HALF), (halves, "auto", None)):
+        config = make_config(
+            tiny_config, synth_root, run_dir, 2 * HALF, sampling, num_workers, grad_accum_steps
+        )
+        run_workers(train_worker, 2, 150, config=config, resume=resume, stop_after=stop_after)
+        if stop_after is not None:  # the signal stopped the first leg at its step, with a checkpoint
+            assert max(r["step"] for r in records(halves)) == HALF
+            assert (halves / "checkpoints" / "latest").read_text() == f"step_{HALF:08d}"
 
     expected, got = records(straight), records(halves)
     mutual_information = [
@@ -93,4 +116,10 @@ def test_two_halves_with_resume_equal_one_straight_run(
     assert len(mutual_information) == 2 * HALF and all(mi < 0 for mi in mutual_information[2:])
     assert [r["step"] for r in got if r["split"] == "train"][-1] == 2 * HALF
     assert got == expected  # every loss, weight, lr and eval metric, compared as exact floats
+    # The first leg trained past the warmup: with train.steps = HALF its lrs would have differed.
+    lrs = [r["lr"] for r in got if r["split"] == "train" and r.get("task") is None]
+    half_schedule = [warmup_cosine_factor(s, WARMUP, HALF, 0.0) for s in range(HALF)]
+    full_schedule = [warmup_cosine_factor(s, WARMUP, 2 * HALF, 0.0) for s in range(HALF)]
+    assert half_schedule != full_schedule
+    assert all(a > b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1 :])), lrs
     assert (halves / "checkpoints" / "latest").read_text() == f"step_{2 * HALF:08d}"

@@ -2,7 +2,10 @@
 `moevit train` on all three task types (so the classification, detection and segmentation transforms all
 draw), one DataLoader worker per task and process, a checkpoint every 3 steps, SIGKILLed after step 7 is
 logged, then `moevit train --resume auto`: every logged loss and the final evaluation and weights equal
-an uninterrupted run's. The same holds when the resumed run uses 2 workers instead of 1.
+an uninterrupted run's. The same holds when the resumed run uses 2 workers instead of 1, and for one
+process (EP=1, `moevit train` without `--nproc`, the classification task), which runs in the command's
+own process at torch's default thread count: torchrun sets one thread per process for `--nproc 2`, the
+suite one for itself.
 
 Augmentation is seeded per sample by its place in the task's sample stream (moevit.data.seeding), so
 the restarted workers draw what the uninterrupted run's drew.
@@ -20,10 +23,13 @@ STEPS = 12
 KILL_AFTER = 7  # between the checkpoints of steps 6 and 9
 
 
-def config(tiny_config, synth_root, run_dir, num_workers: int) -> dict:
+def config(tiny_config, synth_root, run_dir, num_workers: int, nproc: int = 2) -> dict:
+    """All three task types on 2 processes; one process trains the classification task alone (the
+    two intra-op threads it runs with make a step slower than a rank's, on the same two cores)."""
     return tiny_config(
         synth_root,
         run_dir,
+        datasets=("imagenet", "coco", "ade20k") if nproc > 1 else ("imagenet",),
         train={
             "steps": STEPS,
             "checkpoint_every": 3,
@@ -31,17 +37,31 @@ def config(tiny_config, synth_root, run_dir, num_workers: int) -> dict:
             "num_workers": num_workers,  # what the demo and real runs use; not 0
             "optim": {"warmup_steps": 4},
         },
-        parallel={"ep_size": 2},
+        parallel={"ep_size": nproc},
     )
+
+
+def straight_run(synth_root, tmp_path_factory, tiny_config, nproc: int):
+    """The uninterrupted run's records and final weights."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    path = write_config(run_dir.parent / "train.yaml", config(tiny_config, synth_root, run_dir, 1, nproc))
+    done = run_moevit("train", str(path), "--nproc", str(nproc))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return comparable(read_records(run_dir)), final_weights(run_dir, STEPS)
+
+
+def assert_same_run(run_dir, reference) -> None:
+    records, weights = reference
+    assert comparable(read_records(run_dir)) == records  # every loss, weight, lr and the final eval
+    resumed = final_weights(run_dir, STEPS)
+    assert resumed.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(resumed[key], value), key
 
 
 @pytest.fixture(scope="module")
 def reference(synth_root, tmp_path_factory, tiny_config):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    path = write_config(run_dir.parent / "train.yaml", config(tiny_config, synth_root, run_dir, 1))
-    done = run_moevit("train", str(path), "--nproc", "2")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return comparable(read_records(run_dir)), final_weights(run_dir, STEPS)
+    return straight_run(synth_root, tmp_path_factory, tiny_config, 2)
 
 
 @pytest.mark.timeout(600)
@@ -59,9 +79,20 @@ def test_kill9_between_checkpoints_with_workers_resumes_bit_identical(
     )
     done = run_moevit("train", str(second), "--nproc", "2", "--resume", "auto")
     assert done.returncode == 0, done.stderr[-4000:]
-    records, weights = reference
-    assert comparable(read_records(run_dir)) == records  # every loss, weight, lr and the final eval
-    resumed = final_weights(run_dir, STEPS)
-    assert resumed.keys() == weights.keys()
-    for key, value in weights.items():
-        assert torch.equal(resumed[key], value), key
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(600)
+def test_one_process_at_the_default_thread_count_resumes_bit_identical(
+    synth_root, tmp_path, tmp_path_factory, tiny_config, monkeypatch
+):
+    # The runs inherit this environment: no OMP_NUM_THREADS, so torch picks its default thread count.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    reference = straight_run(synth_root, tmp_path_factory, tiny_config, 1)
+    run_dir = tmp_path / "run"
+    path = write_config(tmp_path / "train.yaml", config(tiny_config, synth_root, run_dir, 1, nproc=1))
+    kill_when_logged(["train", str(path)], run_dir, KILL_AFTER)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+    done = run_moevit("train", str(path), "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(run_dir, reference)

@@ -53,3 +53,11 @@ def test_the_cli_imports_no_deepspeed_until_a_command_needs_it():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_models_lists_every_registered_variant_the_configs_name(capsys):
+    from moevit.models import list_models
+
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == list(list_models()) and {"moevit_tiny", "moevit_debug"} <= set(listed)

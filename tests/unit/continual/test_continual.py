@@ -85,6 +85,7 @@ def expand(source, new_experts: int = 2, init: str = "copy"):
     return new_cfg, expanded, copied_from
 
 
+@pytest.mark.bit_exact
 def test_restricted_router_is_bit_identical_and_never_reaches_new_experts():
     torch.manual_seed(1)
     x = torch.randn(50, 16)
@@ -115,6 +116,7 @@ def test_restricted_router_is_bit_identical_and_never_reaches_new_experts():
         TaskRouter(16, 4, 2, ["a"], task_experts={"z": 2})
 
 
+@pytest.mark.bit_exact
 def test_expansion_keeps_old_tasks_bit_identical(source):
     cfg, model, state = source
     new_cfg, expanded, copied_from = expand(source)
@@ -146,6 +148,7 @@ def test_expansion_refuses_bad_requests(source):
     assert rank_experts({"a": [1, 5, 0, 5], "b": [0, 0, 0, 0]}, 4) == [1, 3, 0, 2]
 
 
+@pytest.mark.bit_exact
 def test_freezing_really_freezes_under_adamw_weight_decay(source):
     new_cfg, model, _ = expand(source)
     freeze_for_continual(model, ["new"], new_cfg.continual.frozen_experts)
@@ -236,6 +239,7 @@ def test_start_continual_loads_the_expansion_and_refuses_a_mismatched_one(source
         start_continual(build_model(missing), missing)
 
 
+@pytest.mark.bit_exact
 def test_an_expanded_model_prunes_for_old_and_new_tasks_together(source, tmp_path):
     """Pruning composes with expansion: the old task reaches only its own experts in the pruned model too."""
     new_cfg, expanded, _ = expand(source)  # 4 old + 2 new experts per layer

@@ -74,6 +74,7 @@ def outputs(model, task, x):
         return out.tokens, model.predict(task, {"images": x})
 
 
+@pytest.mark.bit_exact
 @WINDOWS
 def test_keep_all_gives_identical_outputs(window):
     cfg = make_cfg(window)
@@ -85,6 +86,7 @@ def test_keep_all_gives_identical_outputs(window):
         assert torch.equal(a, b)
 
 
+@pytest.mark.bit_exact
 @WINDOWS
 @pytest.mark.parametrize("task", TASKS)
 def test_removing_never_selected_experts_is_bit_exact_on_the_calibration_set(task, window):
@@ -102,6 +104,7 @@ def test_removing_never_selected_experts_is_bit_exact_on_the_calibration_set(tas
         assert torch.equal(a, b)
 
 
+@pytest.mark.bit_exact
 def test_removing_unused_experts_with_top2_is_bit_exact():
     cfg = make_cfg()
     model = trained_like(cfg, seed=5)
