@@ -2,9 +2,9 @@
 
 A step routes each task's micro-batch through every MoE layer once; the tokens an expert receives in that
 pass (from every rank, under expert parallelism) are what its memory must hold. So the figure is computed
-from the counts summed over ranks: one all-reduce per step of (tasks x layers x E) integers, tiny next to
-the step's all-to-alls. Every rank calls it at the same point of the step (same plan, same layers), so
-the collective pairs up.
+from the counts summed over ranks: the (tasks x layers x E) counts ride on the step's one all-reduce of
+its logged scalars (`MultiTaskStep.reduce_over_ranks`), so they cost no collective and no host sync of
+their own. Every rank lays the counts out in the same order (same plan, same layers).
 """
 
 from __future__ import annotations
@@ -14,19 +14,31 @@ from collections.abc import Mapping
 import torch
 
 from moevit.layers.router import Routing, busiest_over_mean
-from moevit.parallel.collectives import all_reduce_sum
 
 KEY_PREFIX = "expert_load/"  # metrics key: expert_load/<layer>, e.g. expert_load/blocks.1.mlp
 
+RoutingByTask = Mapping[str, Mapping[str, Routing]]
 
-def expert_load_ratios(routing_by_task: Mapping[str, Mapping[str, Routing]]) -> dict[str, dict[str, float]]:
-    """task -> {"expert_load/<layer>": busiest/mean load of that layer's experts over all ranks}."""
-    entries = [(task, layer, r) for task, routing in routing_by_task.items() for layer, r in routing.items()]
-    if not entries:
-        return {task: {} for task in routing_by_task}
-    local = torch.cat([r.counts_E.detach().reshape(-1) for _, _, r in entries])
-    summed = all_reduce_sum(local).cpu().split([r.counts_E.numel() for _, _, r in entries])
+
+def local_counts(routing_by_task: RoutingByTask, device: torch.device) -> torch.Tensor:
+    """This rank's routed slots per expert of every (task, layer), concatenated in `routing_by_task`'s
+    order, as float64 (exact for any count a step can reach) on `device`: what the ranks sum."""
+    counts = [
+        r.counts_E.detach().reshape(-1) for routing in routing_by_task.values() for r in routing.values()
+    ]
+    if not counts:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat(counts).to(device, torch.float64)
+
+
+def load_ratios(routing_by_task: RoutingByTask, summed_counts: list[float]) -> dict[str, dict[str, float]]:
+    """task -> {"expert_load/<layer>": busiest/mean load of that layer's experts}, from `local_counts`
+    summed over ranks."""
     ratios: dict[str, dict[str, float]] = {task: {} for task in routing_by_task}
-    for (task, layer, routing), counts_E in zip(entries, summed):
-        ratios[task][KEY_PREFIX + layer] = busiest_over_mean(counts_E, routing.num_routable)
+    start = 0
+    for task, routing in routing_by_task.items():
+        for layer, r in routing.items():
+            counts_E = torch.tensor(summed_counts[start : start + r.counts_E.numel()], dtype=torch.float64)
+            start += r.counts_E.numel()
+            ratios[task][KEY_PREFIX + layer] = busiest_over_mean(counts_E, r.num_routable)
     return ratios

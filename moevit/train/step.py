@@ -55,9 +55,8 @@ from moevit.layers import load_balance_loss, mean_mutual_information_loss, route
 from moevit.layers.router import Routing
 from moevit.parallel.accumulation import discard_accumulated_gradients, mark_boundary
 from moevit.parallel.collectives import all_reduce_sum, rank
-from moevit.train.dropped_slots import dropped_slots_over_ranks
+from moevit.train import dropped_slots, expert_load
 from moevit.train.errors import NonFiniteLossError
-from moevit.train.expert_load import expert_load_ratios
 from moevit.train.task_expert_estimate import RunningTaskRows
 
 
@@ -199,11 +198,17 @@ class MultiTaskStep:
         injected = injected_loss(rank(), step) if step is not None else None
         if injected is not None:
             total = total + injected
-        result = self.reduce_over_ranks(parts, task_total, mutual_information, images, total)
-        for task, drops in dropped_slots_over_ranks(routing_by_task, self.device).items():
-            result.task_losses[task].update(drops)  # logged with the task's losses (capacity bound only)
-        for task, loads in expert_load_ratios(routing_by_task).items():  # logged with the task's losses
-            result.task_losses[task].update(loads)
+        counts = expert_load.local_counts(routing_by_task, self.device)
+        drops = dropped_slots.local_drops(routing_by_task, self.device)
+        result, summed = self.reduce_over_ranks(
+            parts, task_total, mutual_information, images, total, torch.cat([counts, drops])
+        )
+        summed_counts, summed_drops = summed[: counts.numel()], summed[counts.numel() :]
+        # Logged with the task's losses: dropped slots (capacity bound only) and each layer's load.
+        for task, values in dropped_slots.dropped_metrics(routing_by_task, summed_drops).items():
+            result.task_losses[task].update(values)
+        for task, values in expert_load.load_ratios(routing_by_task, summed_counts).items():
+            result.task_losses[task].update(values)
         return result, matrices, routing_by_task, total
 
     @torch.no_grad()
@@ -289,16 +294,19 @@ class MultiTaskStep:
         mutual_information: torch.Tensor | None,
         images: int,
         objective: torch.Tensor,
-    ) -> StepResult:
-        """Means over ranks of every logged scalar, and whether any rank's `objective` is not finite,
-        in one all-reduce (on the device: NCCL needs it)."""
+        sums: torch.Tensor,
+    ) -> tuple[StepResult, list[float]]:
+        """Means over ranks of every logged scalar, whether any rank's `objective` is not finite, and the
+        sums over ranks of `sums` (flat float64: routing statistics), in one all-reduce (on the device: NCCL
+        needs it) and one host sync."""
         names = [(task, name) for task, named in parts.items() for name in named]
         values = [parts[task][name].detach().reshape(()) for task, name in names]
         nonfinite = (~torch.isfinite(objective.detach())).to(self.device, torch.float64).reshape(())
         values += [task_total.detach(), torch.tensor(float(images), device=self.device), nonfinite]
         if mutual_information is not None:
             values.append(mutual_information.detach())
-        summed = all_reduce_sum(torch.stack([v.double() for v in values])).tolist()
+        summed = all_reduce_sum(torch.cat([torch.stack([v.double() for v in values]), sums])).tolist()
+        summed, summed_extra = summed[: len(values)], summed[len(values) :]
         means = [value / self.world_size for value in summed]
         task_losses: dict[str, dict[str, float]] = {task: {} for task in parts}
         for (task, name), value in zip(names, means):
@@ -308,7 +316,10 @@ class MultiTaskStep:
             self.aux_loss.mutual_information * mi_value if mi_value is not None else 0.0
         )
         skipped = summed[len(names) + 2] > 0  # ranks with a non-finite objective
-        return StepResult(task_losses, mi_value, total, images=round(summed[len(names) + 1]), skipped=skipped)
+        result = StepResult(
+            task_losses, mi_value, total, images=round(summed[len(names) + 1]), skipped=skipped
+        )
+        return result, summed_extra
 
 
 def combine_rounds(results: list[StepResult]) -> StepResult:
