@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision import tv_tensors
+from transform_samples import rectangle_sample
 
 from moevit.config.schema import CocoTransforms
 from moevit.data.coco import CocoDetection
@@ -14,20 +14,6 @@ from moevit.data.transforms import build_transforms
 from moevit.data.transforms.detection import boxes_to_original
 
 LSJ = CocoTransforms(scale_range=(0.1, 2.0))
-
-
-def rectangle_sample(width: int, height: int, box: list[float]) -> dict:
-    """Black image with a white rectangle exactly under ``box`` (XYXY, integer pixels)."""
-    image = torch.zeros(3, height, width, dtype=torch.uint8)
-    x1, y1, x2, y2 = (int(value) for value in box)
-    image[:, y1:y2, x1:x2] = 255
-    return {
-        "image": tv_tensors.Image(image),
-        "boxes": tv_tensors.BoundingBoxes([box], format="XYXY", canvas_size=(height, width)),
-        "labels": torch.tensor([4]),
-        "image_id": 1,
-        "key": "train2017/000000000001",
-    }
 
 
 def unflipped(boxes: torch.Tensor, out: dict) -> torch.Tensor:

@@ -5,23 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision import tv_tensors
+from transform_samples import rectangle_sample
 
 from moevit.data.seeding import seeded_rngs
 from moevit.data.transforms import build_transforms
-
-
-def _detection_sample(width: int, height: int, box: list[float]) -> dict:
-    """Black image with a white rectangle exactly under ``box`` (XYXY, integer pixels)."""
-    image = torch.zeros(3, height, width, dtype=torch.uint8)
-    x1, y1, x2, y2 = (int(value) for value in box)
-    image[:, y1:y2, x1:x2] = 255
-    return {
-        "image": tv_tensors.Image(image),
-        "boxes": tv_tensors.BoundingBoxes([box], format="XYXY", canvas_size=(height, width)),
-        "labels": torch.tensor([7]),
-        "image_id": 1,
-        "key": "val2017/000000000001",
-    }
 
 
 def _segmentation_sample(width: int, height: int) -> dict:
@@ -46,7 +33,7 @@ def test_output_is_normalized_float_square(task_type, train):
             "image": tv_tensors.Image(torch.full((3, 30, 50), 128, dtype=torch.uint8)),
             "label": 3,
         },
-        "detection": _detection_sample(50, 30, [10.0, 5.0, 30.0, 20.0]),
+        "detection": rectangle_sample(50, 30, [10.0, 5.0, 30.0, 20.0]),
         "segmentation": _segmentation_sample(50, 30),
     }[task_type]
     out = build_transforms(task_type, train=train, image_size=24)(sample)
@@ -70,7 +57,7 @@ def test_detection_flip_moves_the_box_with_the_image():
     seen = set()
     for seed in range(12):
         torch.manual_seed(seed)
-        out = transform(_detection_sample(32, 32, box))
+        out = transform(rectangle_sample(32, 32, box))
         out_box = out["boxes"][0].tolist()
         seen.add(tuple(out_box))
         rows, cols = torch.nonzero(_white(out["image"]), as_tuple=True)
@@ -80,7 +67,7 @@ def test_detection_flip_moves_the_box_with_the_image():
 
 
 def test_detection_resize_scales_boxes_and_drops_those_under_one_pixel():
-    sample = _detection_sample(100, 50, [20.0, 10.0, 60.0, 40.0])
+    sample = rectangle_sample(100, 50, [20.0, 10.0, 60.0, 40.0])
     sample["boxes"] = tv_tensors.BoundingBoxes(
         [[20.0, 10.0, 60.0, 40.0], [0.0, 0.0, 4.0, 50.0]], format="XYXY", canvas_size=(50, 100)
     )
@@ -112,7 +99,7 @@ def test_segmentation_train_keeps_mask_aligned_and_pads_with_ignore():
 def test_eval_transforms_are_deterministic(task_type):
     sample = {
         "classification": {"image": tv_tensors.Image(torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8))},
-        "detection": _detection_sample(50, 30, [10.0, 5.0, 30.0, 20.0]),
+        "detection": rectangle_sample(50, 30, [10.0, 5.0, 30.0, 20.0]),
         "segmentation": _segmentation_sample(50, 30),
     }[task_type]
     transform = build_transforms(task_type, train=False, image_size=24)
