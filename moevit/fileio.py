@@ -1,9 +1,15 @@
-"""Writing small files so that a crash never leaves half of one behind."""
+"""File-level pieces every package may use: writing small files so that a crash never leaves half of one
+behind, and the error for a checkpoint file that holds more than tensors."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds more than tensors, containers and plain values (e.g. a pickle payload).
+    Defined here, below every package, so the CLI can catch it without importing DeepSpeed."""
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

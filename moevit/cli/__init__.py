@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from moevit.config.errors import ConfigError
     from moevit.data.errors import DatasetLayoutError
-    from moevit.parallel.checkpoint import UnsafeCheckpointError
+    from moevit.fileio import UnsafeCheckpointError
     from moevit.train.errors import NonFiniteLossError
 
     try:

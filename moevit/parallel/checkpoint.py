@@ -51,7 +51,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from moevit.faults import maybe_kill_in_checkpoint
-from moevit.fileio import write_text_atomically
+from moevit.fileio import UnsafeCheckpointError, write_text_atomically
 from moevit.models.param_names import split_expert_key
 from moevit.parallel import collectives
 from moevit.parallel.expert_parallel import ExpertParallelExperts
@@ -66,10 +66,6 @@ _TAG = re.compile(r"^step_(\d+)$")
 # stage enum, parameter slice offsets). Allowed by name: the weights-only unpickler rebuilds them from
 # their saved fields without calling any other code; every other class or function is refused.
 DEEPSPEED_RECORD_TYPES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds more than tensors, containers and plain values (e.g. a pickle payload)."""
 
 
 def load_tensors_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
