@@ -274,7 +274,7 @@ def check_expert_impl(expert_impl: str) -> None:
 
 
 def resolve_expert_impl(expert_impl: str, device: torch.device) -> str:
-    """ "loop" or "grouped": "auto" becomes the default of the device type (the loop where none is set)."""
+    """The path that runs, loop or grouped: auto becomes its device type's default (the loop if none)."""
     if expert_impl == "auto":
         return AUTO_IMPL.get(device.type, "loop")
     return expert_impl
@@ -297,9 +297,8 @@ def grouped_mm_refusal(x_SD: torch.Tensor, dtype: torch.dtype, *weights: torch.T
         return f"torch._grouped_mm on {device.type} takes {', '.join(str(d) for d in allowed)}, not {dtype}"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
         return f"torch._grouped_mm's grouped kernel needs sm90+, {torch.cuda.get_device_name(device)} is not"
-    itemsize = torch.empty((), dtype=dtype).element_size()
     widths = {x_SD.shape[1], *(w.shape[-1] for w in weights), *(w.shape[-2] for w in weights)}
-    if any(width * itemsize % _GROUPED_MM_ALIGN_BYTES for width in widths):
+    if any(width * dtype.itemsize % _GROUPED_MM_ALIGN_BYTES for width in widths):
         return f"expert widths {sorted(widths)} in {dtype} give rows not a multiple of 16 bytes"
     if any(t.data_ptr() % _GROUPED_MM_ALIGN_BYTES for t in (x_SD, *weights)):
         return "an operand's storage is not 16-byte aligned"
