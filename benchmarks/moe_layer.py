@@ -1,9 +1,11 @@
 """Forward+backward time of moevit's MoE MLP against a dense MLP and DeepSpeed's stock MoE layer.
 
-For each configuration (E experts, top-k) three contenders run alternately in one process, so
+For each configuration (E experts, top-k) four contenders run alternately in one process, so
 machine noise hits them alike:
 
-- (a) moevit's `MoEMlp`: dropless, task-routed (one task's gate), sorted grouped matmuls;
+- (a) moevit's `MoEMlp`: dropless, task-routed (one task's gate), sorted expert matmuls, once per
+  expert path (`model.moe.expert_impl`, moevit.layers.experts): "a loop" (one GEMM per expert) and
+  "a grouped" (`torch._grouped_mm`), the same weights in both;
 - (b) a dense timm `Mlp` with hidden width k x expert hidden: the same active FLOPs;
 - (c) DeepSpeed's `deepspeed.moe.layer.MoE` with its defaults and capacity factor 1.25 (drops tokens
   over capacity; its experts compute capacity-padded buffers); left out, and said so, where DeepSpeed
@@ -12,18 +14,16 @@ machine noise hits them alike:
 Gates get random weights (a zero-initialised gate sends every token to the same k experts), the
 same ones in (a) and (c), so both route alike. One timed run is forward + backward of the layer on
 a fixed (T, D) input that requires grad, with a fixed output gradient. Prints medians, spread and
-the ratios a/b and a/c, both of medians and as the median of each round's own ratio. Not a test: speed targets are measured, not asserted.
+the ratios a/b and a/c per expert path, both of medians and as the median of each round's own
+ratio. Not a test: speed targets are measured, not asserted.
 
-`--device cuda --dtype bf16` runs the layers on the GPU under bf16 autocast (as training does), timed
-with the device synchronised; `--expert-impl` asks moevit's layer for one expert path
-(`model.moe.expert_impl`). benchmarks/gpu_check.py runs it so.
-
-    python benchmarks/moe_layer.py --threads 2 --repeats 9 [--json OUT] [--profile E:K]
+    python benchmarks/moe_layer.py --threads 2 --repeats 9 [--json OUT] [--profile E:K[:IMPL]]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -44,6 +44,7 @@ from timm.layers import Mlp  # noqa: E402
 from moevit.layers import MoEMlp  # noqa: E402
 
 TASK = "bench"
+EXPERT_PATHS = ("loop", "grouped")
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,18 @@ def deepspeed_moe_class():
     return MoE
 
 
-def build_contenders(shape: Shape, seed: int, expert_impl: str | None = None) -> dict[str, torch.nn.Module]:
+def build_contenders(shape: Shape, seed: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
-    # expert_impl only when asked: a layer without that argument still runs its one path
-    impl = {} if expert_impl is None else {"expert_impl": expert_impl}
-    moe = MoEMlp(shape.dim, shape.expert_hidden, shape.num_experts, shape.top_k, [TASK], **impl)
+    moe = MoEMlp(shape.dim, shape.expert_hidden, shape.num_experts, shape.top_k, [TASK])
     gate_weight = torch.randn(shape.num_experts, shape.dim) * shape.dim**-0.5
     with torch.no_grad():
         moe.router.gates[TASK].weight.copy_(gate_weight)
+    moes = {}
+    for path in EXPERT_PATHS:
+        moes[f"a {path}"] = copy.deepcopy(moe).train()
+        moes[f"a {path}"].experts.expert_impl = path
     dense = Mlp(shape.dim, shape.top_k * shape.expert_hidden)
-    contenders = {"a moevit": moe.train(), "b dense": dense.train()}
+    contenders = {**moes, "b dense": dense.train()}
     MoE = deepspeed_moe_class()
     if MoE is None:
         return contenders
@@ -139,10 +142,7 @@ def routing_imbalance(moe: MoEMlp, x: torch.Tensor) -> float:
 
 def measure(shape: Shape, args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), compute_dtype(args.dtype)
-    contenders = {
-        name: module.to(device)
-        for name, module in build_contenders(shape, args.seed, args.expert_impl).items()
-    }
+    contenders = {name: module.to(device) for name, module in build_contenders(shape, args.seed).items()}
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(shape.tokens, shape.dim, generator=generator).to(device).requires_grad_(True)
     grad = torch.randn(shape.tokens, shape.dim, generator=generator).to(device)
@@ -153,32 +153,34 @@ def measure(shape: Shape, args: argparse.Namespace) -> dict:
             if round_ >= args.warmup:
                 times[name].append(elapsed)
     medians = {name: statistics.median(samples) for name, samples in times.items()}
-    # Ratios within each round (runs seconds apart) follow the machine's load less than medians do.
-    paired = {
-        other: statistics.median(a / o for a, o in zip(times["a moevit"], times[name]))
-        for other, name in (("b", "b dense"), ("c", "c deepspeed"))
-        if name in times
-    }
+    ratios = {}
+    for path in EXPERT_PATHS:
+        a = f"a {path}"
+        for other, name in (("b", "b dense"), ("c", "c deepspeed"), ("loop", "a loop")):
+            if name == a or name not in times:
+                continue
+            ratios[f"{path}_over_{other}"] = medians[a] / medians[name]
+            # Ratios within each round (runs seconds apart) follow the machine's load less than medians do.
+            ratios[f"{path}_over_{other}_paired"] = statistics.median(
+                t / o for t, o in zip(times[a], times[name])
+            )
     return {
         "config": shape.name,
         **{k: v for k, v in vars(shape).items() if k != "name"},
-        "imbalance": routing_imbalance(contenders["a moevit"], x),
+        "imbalance": routing_imbalance(contenders["a loop"], x),
         "times_s": times,
         "median_s": medians,
-        "a_over_b": medians["a moevit"] / medians["b dense"],
-        "a_over_c": medians["a moevit"] / medians["c deepspeed"] if "c deepspeed" in medians else None,
-        "a_over_b_paired": paired["b"],
-        "a_over_c_paired": paired.get("c"),
+        **ratios,
     }
 
 
-def profile(shape: Shape, args: argparse.Namespace) -> None:
+def profile(shape: Shape, path: str, args: argparse.Namespace) -> None:
     """torch.profiler's top operators for moevit's layer alone (after warm-up)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     contenders = build_contenders(shape, args.seed)
-    moe = contenders["a moevit"]
+    moe = contenders[f"a {path}"]
     x = torch.randn(shape.tokens, shape.dim).requires_grad_(True)
     grad = torch.randn(shape.tokens, shape.dim)
     for _ in range(2):
@@ -186,7 +188,7 @@ def profile(shape: Shape, args: argparse.Namespace) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(args.repeats):
             run_once("a", moe, x, grad)
-    print(f"profile of moevit {shape.name}, {args.repeats} runs")
+    print(f"profile of moevit {shape.name}, expert path {path}, {args.repeats} runs")
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -201,19 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", default=None, metavar="E:K", help="profile moevit at E:k and exit")
+    parser.add_argument(
+        "--profile", default=None, metavar="E:K[:PATH]", help="profile moevit at E:k (path loop) and exit"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: under autocast")
-    parser.add_argument("--expert-impl", default=None, help="moevit's expert path (model.moe.expert_impl)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-layer creation banner
 
     if args.profile:
-        experts, top_k = (int(v) for v in args.profile.split(":"))
+        experts, top_k, *path = args.profile.split(":")
+        experts, top_k = int(experts), int(top_k)
         shape = Shape(f"E{experts}/k{top_k}", args.tokens, args.dim, args.expert_hidden, experts, top_k)
-        profile(shape, args)
+        profile(shape, path[0] if path else "loop", args)
         return {}
 
     load_before = os.getloadavg()
@@ -224,25 +228,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.repeats} alternating runs (after {args.warmup} warm-up); "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
+    names = [f"a {path}" for path in EXPERT_PATHS] + ["b dense", "c deepspeed"]
+    names = [name for name in names if name in rows[0]["times_s"]] if rows else names
     print(
         f"{'config':<13} {'T x D':>10} {'H':>5} {'imbal':>5} "
-        f"{'moevit s':>19} {'dense s':>19} {'deepspeed s':>19} {'a/b':>5} {'a/c':>5} "
-        f"{'paired a/b':>10} {'a/c':>5}"
+        + " ".join(f"{name + ' s':>19}" for name in names)
+        + " ratios (median; paired)"
     )
     for row in rows:
         cells = []
-        for name in ("a moevit", "b dense", "c deepspeed"):
-            samples = row["times_s"].get(name)
-            cells.append(
-                f"{row['median_s'][name]:.3f} ({min(samples):.3f}-{max(samples):.3f})" if samples else "-"
-            )
-        a_over_c, a_over_c_paired = (
-            f"{row[k]:5.2f}" if row[k] else "    -" for k in ("a_over_c", "a_over_c_paired")
+        for name in names:
+            samples = row["times_s"][name]
+            cells.append(f"{row['median_s'][name]:.3f} ({min(samples):.3f}-{max(samples):.3f})")
+        ratios = " ".join(
+            f"{key.replace('_over_', '/')} {row[key]:.2f} ({row[key + '_paired']:.2f})"
+            for key in row
+            if "_over_" in key and not key.endswith("_paired")
         )
         print(
             f"{row['config']:<13} {row['tokens']:>5}x{row['dim']:<4} {row['expert_hidden']:>5} "
-            f"{row['imbalance']:5.2f} {cells[0]:>19} {cells[1]:>19} {cells[2]:>19} "
-            f"{row['a_over_b']:5.2f} {a_over_c} {row['a_over_b_paired']:10.2f} {a_over_c_paired}"
+            f"{row['imbalance']:5.2f} " + " ".join(f"{cell:>19}" for cell in cells) + f" {ratios}"
         )
     result = {
         "args": vars(args),

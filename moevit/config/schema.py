@@ -48,9 +48,10 @@ class MoEConfig:
     # its even share of one forward's routed slots on its device, and the overflow passes the residual
     # (moevit.layers.capacity).
     capacity_factor: float | None = None
-    # How the experts' matmuls run (issue 19): "loop" (one GEMM per expert), "grouped"
-    # (`torch._grouped_mm`, one kernel for all experts) or "auto" (the measured default per device).
-    # None: the model's default. NOT WIRED YET (issue 19's expert-path work wires it).
+    # How the experts' matmuls run: "loop" (one GEMM per expert), "grouped" (`torch._grouped_mm`,
+    # one kernel for all experts) or "auto" (the measured default per device: moevit.layers.experts,
+    # docs/performance.md). None: the model's default ("auto"). Serves the plain model and the
+    # expert-parallel wrapper alike; a grouped call the op cannot take runs the loop, with a warning.
     expert_impl: str | None = None
 
     def validate(self) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from moevit.layers.capacity import check_capacity_factor, expert_capacity, slots_within_capacity
 from moevit.layers.dispatch import combine, dispatch, plan_dispatch
-from moevit.layers.experts import GroupedExperts
+from moevit.layers.experts import DEFAULT_EXPERT_IMPL, GroupedExperts
 from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
 
 
@@ -37,6 +37,7 @@ class MoEMlp(nn.Module):
             routes among); the rest are dropped as moevit.layers.capacity describes.
         gate_init_std, router_jitter: the router's gate initialisation and training-only input jitter
             (moevit.layers.router).
+        expert_impl: how the experts' matmuls run, "loop", "grouped" or "auto" (moevit.layers.experts).
     """
 
     routes_tasks = True  # forward takes (x, task) and returns (y, Routing)
@@ -54,12 +55,13 @@ class MoEMlp(nn.Module):
         capacity_factor: float | None = None,
         gate_init_std: float = DEFAULT_GATE_INIT_STD,
         router_jitter: float = 0.0,
+        expert_impl: str = DEFAULT_EXPERT_IMPL,
     ):
         super().__init__()
         check_capacity_factor(capacity_factor)
         self.capacity_factor = capacity_factor
         self.router = TaskRouter(dim, num_experts, top_k, tasks, task_experts, gate_init_std, router_jitter)
-        self.experts = GroupedExperts(num_experts, dim, expert_hidden, act_layer, bias)
+        self.experts = GroupedExperts(num_experts, dim, expert_hidden, act_layer, bias, expert_impl)
 
     @property
     def num_experts(self) -> int:

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from moevit.layers.experts import DEFAULT_EXPERT_IMPL, check_expert_impl
 from moevit.layers.moe_attention import MoEAttention
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.layers.router import DEFAULT_GATE_INIT_STD, Routing, TaskRouter
@@ -78,6 +79,9 @@ class MoEViT(nn.Module):
             weights replace it. See moevit.layers.router.
         router_jitter: training-only multiplicative noise on the router inputs, uniform in
             [1 - router_jitter, 1 + router_jitter] (Switch's input jitter); 0 = off. Eval never jitters.
+        expert_impl: how every MoE MLP layer's expert matmuls run: "loop", "grouped"
+            (`torch._grouped_mm`) or "auto" (the measured default per device); see
+            moevit.layers.experts. The same function and choice run behind the expert-parallel wrapper.
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class MoEViT(nn.Module):
         capacity_factor: float | None = None,
         gate_init_std: float = DEFAULT_GATE_INIT_STD,
         router_jitter: float = 0.0,
+        expert_impl: str = DEFAULT_EXPERT_IMPL,
     ):
         super().__init__()
+        check_expert_impl(expert_impl)
         if not tasks:
             raise ValueError("MoEViT needs at least one task")
         if len(set(tasks)) != len(tasks):
@@ -173,6 +179,7 @@ class MoEViT(nn.Module):
                         capacity_factor=capacity_factor,
                         gate_init_std=0.0,  # drawn last, see _init_gates
                         router_jitter=router_jitter,
+                        expert_impl=expert_impl,
                     )
                 )
                 if attention_experts:

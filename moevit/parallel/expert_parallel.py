@@ -13,12 +13,14 @@ the layer applies to its local routing before calling this module, so a rank rec
 2. rows go the same way (`all_to_all_single` with split sizes = rows per destination rank)
    inside an autograd Function whose backward is the reverse exchange;
 3. received rows are grouped by source rank, then local expert; they are permuted to be
-   grouped by local expert, run through the local experts, permuted back and returned by a
+   grouped by local expert, run through the local experts (`moevit.layers.experts.grouped_mlp` on
+   the per-expert parameters: the single-device model's expert function and `expert_impl`, so one
+   choice of expert path serves both), permuted back and returned by a
    second exchange. One `all_to_all_single` buffer moves the contiguous per-rank blocks without
    splitting them into tensors (gloo lacked the list form `all_to_all` before recent torch).
-Every rank runs every collective, also with zero rows to send or receive, and every local
-expert runs `F.linear` even on an empty block, so each rank's autograd graph has the same
-shape (same backward collectives, same gradient hooks in the same order) and every expert
+Every rank runs every collective, also with zero rows to send or receive, and the local experts
+run as one autograd node whatever their row counts, so each rank's autograd graph has the same
+shape (same backward collectives, same gradient hooks in the same order) and every trainable expert
 parameter gets a gradient (zeros when it saw no rows).
 
 Registration with DeepSpeed (the decision, and why). DeepSpeed's engine treats a model as MoE
@@ -61,7 +63,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
-from moevit.layers.experts import GroupedExperts
+from moevit.layers.experts import GroupedExperts, grouped_mlp
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.param_names import PER_EXPERT_INFIX
 from moevit.parallel.setup import expert_group_name
@@ -88,6 +90,7 @@ class ExpertMlp(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This expert alone (a reference; the wrapper runs all its experts through `grouped_mlp`)."""
         return F.linear(self.act(F.linear(x, self.fc1_weight, self.fc1_bias)), self.fc2_weight, self.fc2_bias)
 
 
@@ -138,6 +141,7 @@ class ExpertParallelExperts(MoE):
         self.dim, self.hidden = experts.dim, experts.hidden  # what the FLOP count reads (moevit.train.mfu)
         self.ep_size = ep_size
         self.ep_rank = ep_rank
+        self.expert_impl = experts.expert_impl
         self.num_local_experts = experts.num_experts // ep_size
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False  # read by DeepSpeed's flops profiler
@@ -200,8 +204,10 @@ class ExpertParallelExperts(MoE):
         return _AllToAll.apply(y_recv, send_splits, recv_splits, group)
 
     def _run_local_experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        blocks = x_SD.split(counts)
-        return torch.cat([expert(block) for expert, block in zip(self.local_experts, blocks)])
+        experts = self.local_experts
+        params = [[getattr(expert, name) for expert in experts] for name in EXPERT_PARAMS]
+        params = [None if group[0] is None else group for group in params]
+        return grouped_mlp(x_SD, counts, *params, experts[0].act, self.expert_impl)
 
     def extra_repr(self) -> str:
         first = self.ep_rank * self.num_local_experts

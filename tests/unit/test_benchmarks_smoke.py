@@ -58,16 +58,18 @@ def test_moe_layer_benchmark_runs_and_writes_its_ratios(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["config"] for row in rows] == ["E4/k1", "E4/k2"]
     for row in rows:
-        assert set(row["median_s"]) == {"a moevit", "b dense", "c deepspeed"}
+        assert set(row["median_s"]) == {"a loop", "a grouped", "b dense", "c deepspeed"}
         assert all(len(samples) == 2 for samples in row["times_s"].values())
-        assert row["a_over_b"] > 0 and row["a_over_c"] > 0
+        for path in ("loop", "grouped"):
+            assert row[f"{path}_over_b"] > 0 and row[f"{path}_over_c_paired"] > 0
+        assert row["grouped_over_loop"] > 0
 
 
 @pytest.mark.timeout(120)
 def test_moe_layer_profile_mode_runs(capsys):
     argv = ["--threads", "1", "--tokens", "32", "--dim", "16", "--expert-hidden", "16", "--repeats", "1"]
-    load_benchmark("moe_layer").main([*argv, "--profile", "4:2"])
-    assert "profile of moevit E4/k2" in capsys.readouterr().out
+    load_benchmark("moe_layer").main([*argv, "--profile", "4:2:grouped"])
+    assert "profile of moevit E4/k2, expert path grouped" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(180)
@@ -209,9 +211,10 @@ def test_gpu_check_cpu_smoke_reports_every_part(tmp_path, optional_packages):
 
     layer = parts["moe_layer"]
     assert layer["deepspeed"] == ("skipped: deepspeed not installed" if missing else "measured")
-    measured = [rows for rows in layer["paths"].values() if isinstance(rows, list)]
-    assert measured and all(rows[0]["a_over_b"] > 0 for rows in measured)
-    assert all(("c deepspeed" in rows[0]["median_s"]) != missing for rows in measured)
+    row = layer["rows"][0]
+    assert row["loop_over_b"] > 0 and row["grouped_over_b"] > 0 and row["grouped_over_loop"] > 0
+    assert ("c deepspeed" in row["median_s"]) != missing
+    assert layer["grouped_fallbacks"] == []  # fp32 on the CPU: the grouped GEMM itself ran
     if not missing:  # the EP=1 / EP=2 parity code, run over gloo
         parity = parts["nccl_parity"]
         assert parity["backend"].startswith("gloo") and len(parity["losses"]["ep2"]) == parity["steps"]
