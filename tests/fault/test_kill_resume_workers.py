@@ -2,7 +2,8 @@
 `moevit train` on all three task types (so the classification, detection and segmentation transforms all
 draw), one DataLoader worker per task and process, a checkpoint every 3 steps, SIGKILLed after step 7 is
 logged, then `moevit train --resume auto`: every logged loss and the final evaluation and weights equal
-an uninterrupted run's. The same holds when the resumed run uses 2 workers instead of 1.
+an uninterrupted run's. The same holds when the resumed run uses 2 workers instead of 1, and with
+every task reading WebDataset shards (data.storage: shards) instead of folders.
 
 Augmentation is seeded per sample by its place in the task's sample stream (moevit.data.seeding), so
 the restarted workers draw what the uninterrupted run's drew.
@@ -10,9 +11,13 @@ the restarted workers draw what the uninterrupted run's drew.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from fault_helpers import comparable, final_weights, kill_when_logged, read_records, run_moevit, write_config
+
+from moevit.data.shards import write_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -20,10 +25,18 @@ STEPS = 12
 KILL_AFTER = 7  # between the checkpoints of steps 6 and 9
 
 
-def config(tiny_config, synth_root, run_dir, num_workers: int) -> dict:
+def config(tiny_config, synth_root, run_dir, num_workers: int, shard_root=None) -> dict:
+    """The run's config; with `shard_root`, every task reads its train and val splits from shards."""
+    tasks = {}
+    if shard_root is not None:
+        tasks = {
+            name: {"data": {"root": str(shard_root / name), "storage": "shards"}}
+            for name in ("imagenet", "coco", "ade20k")
+        }
     return tiny_config(
         synth_root,
         run_dir,
+        tasks=tasks,
         train={
             "steps": STEPS,
             "checkpoint_every": 3,
@@ -35,28 +48,23 @@ def config(tiny_config, synth_root, run_dir, num_workers: int) -> dict:
     )
 
 
-@pytest.fixture(scope="module")
-def reference(synth_root, tmp_path_factory, tiny_config):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    path = write_config(run_dir.parent / "train.yaml", config(tiny_config, synth_root, run_dir, 1))
+def straight_run(run_dir, run_config: dict):
+    """The uninterrupted run's records and final weights."""
+    path = write_config(run_dir.parent / "train.yaml", run_config)
     done = run_moevit("train", str(path), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
     return comparable(read_records(run_dir)), final_weights(run_dir, STEPS)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("workers_after_resume", [1, 2])
-def test_kill9_between_checkpoints_with_workers_resumes_bit_identical(
-    synth_root, tmp_path, reference, tiny_config, workers_after_resume
-):
-    run_dir = tmp_path / "run"
-    first = write_config(tmp_path / "train.yaml", config(tiny_config, synth_root, run_dir, 1))
+def assert_kill_and_resume_match(tmp_path, first_config: dict, resume_config: dict, reference) -> None:
+    """SIGKILL a run with `first_config` after step KILL_AFTER, resume it with `resume_config`: every
+    record and the final weights equal `reference`'s."""
+    run_dir = Path(first_config["output_dir"])
+    first = write_config(tmp_path / "train.yaml", first_config)
     kill_when_logged(["train", str(first), "--nproc", "2"], run_dir, KILL_AFTER)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
 
-    second = write_config(
-        tmp_path / "resume.yaml", config(tiny_config, synth_root, run_dir, workers_after_resume)
-    )
+    second = write_config(tmp_path / "resume.yaml", resume_config)
     done = run_moevit("train", str(second), "--nproc", "2", "--resume", "auto")
     assert done.returncode == 0, done.stderr[-4000:]
     records, weights = reference
@@ -65,3 +73,51 @@ def test_kill9_between_checkpoints_with_workers_resumes_bit_identical(
     assert resumed.keys() == weights.keys()
     for key, value in weights.items():
         assert torch.equal(resumed[key], value), key
+
+
+@pytest.fixture(scope="module")
+def reference(synth_root, tmp_path_factory, tiny_config):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    return straight_run(run_dir, config(tiny_config, synth_root, run_dir, 1))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("workers_after_resume", [1, 2])
+def test_kill9_between_checkpoints_with_workers_resumes_bit_identical(
+    synth_root, tmp_path, reference, tiny_config, workers_after_resume
+):
+    run_dir = tmp_path / "run"
+    assert_kill_and_resume_match(
+        tmp_path,
+        config(tiny_config, synth_root, run_dir, 1),
+        config(tiny_config, synth_root, run_dir, workers_after_resume),
+        reference,
+    )
+
+
+@pytest.fixture(scope="module")
+def shard_root(synth_root, tmp_path_factory):
+    """The tiny datasets' train and val splits as shards of 16 samples: shards/{dataset}/{split}."""
+    root = tmp_path_factory.mktemp("shards")
+    for dataset in ("imagenet", "coco", "ade20k"):
+        for split in ("train", "val"):
+            write_shards(dataset, synth_root / dataset, split, root / dataset / split, shard_size=16)
+    return root
+
+
+@pytest.mark.timeout(900)
+def test_kill9_with_workers_resumes_bit_identical_from_shards(synth_root, shard_root, tmp_path, tiny_config):
+    """Every task on shards: killed with 1 worker per task and resumed with 2, as an uninterrupted run."""
+    reference_dir = tmp_path / "straight" / "run"
+    reference_dir.parent.mkdir()
+    shard_reference = straight_run(
+        reference_dir, config(tiny_config, synth_root, reference_dir, 1, shard_root)
+    )
+    run_dir = tmp_path / "killed" / "run"
+    run_dir.parent.mkdir()
+    assert_kill_and_resume_match(
+        run_dir.parent,
+        config(tiny_config, synth_root, run_dir, 1, shard_root),
+        config(tiny_config, synth_root, run_dir, 2, shard_root),
+        shard_reference,
+    )

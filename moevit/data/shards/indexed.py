@@ -173,8 +173,11 @@ class IndexedShards(Dataset):
 
     @property
     def annotation_file(self) -> Path:
-        """Where the ground truth comes from (for messages): the val shards themselves."""
-        return self.info.directory
+        """COCO only: the ``instances_*.json`` the shards were written from (named in messages; the
+        ground truth itself is read from the shards, :attr:`coco`)."""
+        if self.info.annotation_file is None:
+            raise AttributeError(f"{self.info.directory} holds {self.info.dataset} shards, not COCO")
+        return Path(self.info.annotation_file)
 
     @property
     def coco(self) -> COCO:
