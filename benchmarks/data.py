@@ -43,14 +43,21 @@ from moevit.data.synth import write_synthetic_datasets
 SHARD_SIZE = 64  # several shards per split even on --size small data
 
 
-def worker_rss_mib() -> float:
-    """Mean resident memory of this process's DataLoader workers (its children), else its own, in MiB."""
+def worker_memory_mib() -> tuple[float, float]:
+    """Mean (RSS, USS) of this process's DataLoader workers (its children), else its own, in MiB.
+
+    RSS counts the pages a forked worker shares with the main process (torch, the interpreter); USS
+    only the ones it alone holds, what each added worker costs."""
     processes = psutil.Process().children() or [psutil.Process()]
-    return statistics.mean(process.memory_info().rss for process in processes) / 2**20
+    infos = [process.memory_full_info() for process in processes]
+    return (
+        statistics.mean(info.rss for info in infos) / 2**20,
+        statistics.mean(info.uss for info in infos) / 2**20,
+    )
 
 
-def time_batches(loader: MultiTaskLoader, warmup: int, batches: int) -> tuple[float, float]:
-    """(images per second over ``batches`` batches after ``warmup`` untimed ones, worker RSS in MiB)."""
+def time_batches(loader: MultiTaskLoader, warmup: int, batches: int) -> tuple[float, tuple[float, float]]:
+    """(images per second over ``batches`` batches after ``warmup`` untimed ones, worker (RSS, USS) MiB)."""
     for _ in range(warmup):
         next(loader)
     images = 0
@@ -58,9 +65,9 @@ def time_batches(loader: MultiTaskLoader, warmup: int, batches: int) -> tuple[fl
     for _ in range(batches):
         images += next(loader).batches[0].batch["images"].shape[0]
     elapsed = time.perf_counter() - started
-    rss = worker_rss_mib()
+    memory = worker_memory_mib()
     loader.close()  # stops the workers before the next run starts its own
-    return images / elapsed, rss
+    return images / elapsed, memory
 
 
 def task_loader(name: str, task, workers: int, seed: int) -> MultiTaskLoader:
@@ -140,7 +147,8 @@ def main() -> None:
                         "images_per_s": statistics.median(rates),
                         "min": min(rates),
                         "max": max(rates),
-                        "rss_mib_per_worker": statistics.median(rss for _, rss in measured),
+                        "rss_mib_per_worker": statistics.median(memory[0] for _, memory in measured),
+                        "uss_mib_per_worker": statistics.median(memory[1] for _, memory in measured),
                     }
                 )
 
@@ -154,7 +162,7 @@ def main() -> None:
     )
     header = (
         f"{'task':<10} {'pipeline':<8} {'size':>4} {'batch':>5} {'img/s':>8} {'img/s/worker':>12} "
-        f"{'RSS/worker MiB':>14}"
+        f"{'RSS/worker MiB':>14} {'USS/worker MiB':>14}"
     )
     if args.step_seconds:
         header += f" {'demo needs':>10} {'ratio':>6}"
@@ -163,7 +171,8 @@ def main() -> None:
         row["images_per_s_per_worker"] = row["images_per_s"] / per_worker
         line = (
             f"{row['task']:<10} {row['pipeline']:<8} {row['image_size']:>4} {row['batch_size']:>5} "
-            f"{row['images_per_s']:8.1f} {row['images_per_s_per_worker']:12.1f} {row['rss_mib_per_worker']:14.0f}"
+            f"{row['images_per_s']:8.1f} {row['images_per_s_per_worker']:12.1f} {row['rss_mib_per_worker']:14.0f} "
+            f"{row['uss_mib_per_worker']:14.0f}"
         )
         if args.step_seconds:
             needed = probabilities[row["task"]] * row["batch_size"] / args.step_seconds

@@ -22,7 +22,6 @@ from moevit.data.decode import (
 from moevit.data.errors import CorruptSampleError
 from moevit.data.shards.layout import ShardInfo, decode_key
 
-
 MEMBERS = {"imagenet": ("jpg", "cls"), "coco": ("jpg", "json"), "ade20k": ("jpg", "png")}
 
 
