@@ -16,9 +16,10 @@ from moevit.cli import main as moevit_main
 from moevit.config import Config, build_config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
-from moevit.data.multitask import MultiTaskLoader
+from moevit.data.multitask import MultiTaskLoader, reshard_loader_states
 from moevit.data.sampler import ResumableDistributedSampler, ShardOrderSampler, reshard_sampler_state
 from moevit.data.schedule import TaskSchedule
+from moevit.data.seeding import derive_seed
 from moevit.data.shards import write_shards
 from moevit.data.shards.indexed import IndexedShards
 from moevit.data.shards.layout import decode_key
@@ -106,8 +107,11 @@ def test_two_ranks_of_two_workers_read_disjoint_samples_and_together_all(roots):
     assert not set(per_rank[0]) & set(per_rank[1])
     assert all(len(set(keys)) == 80 for keys in per_rank)
     shards = IndexedShards(roots[1] / "imagenet" / "train", "imagenet")
-    every_key = {decode_key(shards.raw_sample(index)["__key__"]) for index in range(len(shards))}
-    assert len(every_key) == 160 and set(per_rank[0]) | set(per_rank[1]) == every_key
+    shard_of = {decode_key(shards.raw_sample(i)["__key__"]): shards.locate(i)[0] for i in range(len(shards))}
+    assert len(shard_of) == 160 and set(per_rank[0]) | set(per_rank[1]) == set(shard_of)
+    # Contiguous blocks of a shard permutation: the ranks share at most the shard at the block edge.
+    rank_shards = [{shard_of[key] for key in keys} for keys in per_rank]
+    assert len(rank_shards[0] & rank_shards[1]) <= 1
 
 
 def _steps(loader: MultiTaskLoader, count: int) -> list:
@@ -199,6 +203,19 @@ def test_eval_ranks_take_disjoint_contiguous_blocks_of_equal_length():
     assert sorted(set(sum(shares, []))) == list(range(24))  # the one padded sample repeats the first
 
 
+class ShardSizesStandIn(torch.utils.data.Dataset):
+    """What MultiTaskLoader reads of a shard directory to pick its sampler: a length and shard sizes."""
+
+    def __init__(self, shard_sizes: tuple[int, ...]):
+        self.shard_sizes = shard_sizes
+
+    def __len__(self) -> int:
+        return sum(self.shard_sizes)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": index}
+
+
 def test_resharding_a_mid_epoch_shard_state_restarts_at_the_next_epoch():
     sampler = ShardOrderSampler((7, 7, 7, 3), rank=0, world_size=2, seed=1)
     state, consumed, exact = reshard_sampler_state(sampler.state_at(12 + 5), 3)
@@ -208,6 +225,30 @@ def test_resharding_a_mid_epoch_shard_state_restarts_at_the_next_epoch():
     assert consumed == 2 * 8
     state, consumed, exact = reshard_sampler_state(sampler.state_at(24), 3)
     assert (state["epoch"], state["position"], exact) == (2, 0, True)
+
+    # What `moevit ckpt reshard` does to every rank's loader state: the note says where the stream resumes.
+    def loader(rank: int, world_size: int) -> MultiTaskLoader:
+        return MultiTaskLoader(
+            {"coco": ShardSizesStandIn((7, 7, 7, 3))},
+            {"coco": 1},
+            None,
+            TaskSchedule(("coco",), "all"),
+            rank=rank,
+            world_size=world_size,
+        )
+
+    saved = []
+    for rank in range(2):
+        old = loader(rank, 2)
+        saved.append({"step": 17, "tasks": {"coco": {"samples_consumed": 17, "skipped": rank}}})
+        saved[-1]["tasks"]["coco"]["sampler"] = old._samplers["coco"].state_at(17)
+    states, notes = reshard_loader_states(saved, 3)
+    assert notes == ["task coco: the sample stream resumes at the start of epoch 2"]
+    assert [state["tasks"]["coco"]["skipped"] for state in states] == [1, 0, 0]
+    resumed = loader(1, 3)
+    resumed.load_state_dict(states[1])
+    expected = ShardOrderSampler((7, 7, 7, 3), 1, 3, seed=derive_seed(0, "coco")).epoch_indices(2)[0]
+    assert next(resumed).batches[0].batch["id"].tolist() == [expected]  # rank 1's block of epoch 2
     with pytest.raises(ValueError, match="order"):
         ResumableDistributedSampler(24, 0, 2, seed=1).load_state_dict(sampler.state_at(3))
 
