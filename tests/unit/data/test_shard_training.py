@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pycocotools.coco import COCO
 
 from moevit.cli import main as moevit_main
 from moevit.config import Config, build_config
@@ -291,3 +292,21 @@ def test_a_bad_shard_dir_is_refused_before_training_naming_it(roots, tmp_path, c
     error = capsys.readouterr().err
     assert error.startswith("moevit: error:") and str(bad) in error, error
     assert not (tmp_path / "run").exists()  # refused before the run directory or any compute
+
+
+def test_coco_shards_train_and_give_ground_truth_without_the_source_folder_or_json(roots, tmp_path):
+    folder, _ = roots
+    source = tmp_path / "coco"
+    shutil.copytree(folder / "coco", source)
+    for split in ("train", "val"):
+        write_shards("coco", source, split, tmp_path / "shards" / split, SHARD_SIZE)
+    shutil.rmtree(source)  # boxes, labels and crowds travel in the samples' .json members
+    cfg = config(tmp_path, "shards")
+    cfg.tasks["coco"].data.root = str(tmp_path / "shards")
+    batch = next(shard_loader(cfg, ["coco"])).batches[0].batch
+    assert len(batch["targets"]) == 4
+    val = build_dataset("detection", cfg.tasks["coco"].data, train=False)
+    ground_truth = val.coco  # what COCOeval reads, rebuilt from the val shards
+    original = COCO(str(folder / "coco" / "annotations" / "instances_val2017.json"))
+    assert ground_truth.imgs == original.imgs and ground_truth.anns == original.anns
+    assert sorted(ground_truth.getCatIds()) == sorted(original.getCatIds())
