@@ -162,20 +162,28 @@ class ResumableDistributedSampler:
         self._offset = epoch * self.samples_per_epoch + position
 
 
+SHARDS_PER_WINDOW = 16
+
+
 class ShardOrderSampler(ResumableDistributedSampler):
     """The resumable stream of a shard directory's samples (indices in the order written).
 
-    Epoch ``e``'s global order is the shards permuted by a generator seeded from ``(seed, e)``, each
-    shard's samples in a row: in the order written, or (``shuffle``) permuted within the shard from
-    ``(seed, e, shard)``, a shuffle buffer as large as a shard that needs no state, since it is a pure
-    function of the epoch. The order is padded at its tail by repeating its start, as the index
-    sampler's, and rank ``r`` reads the contiguous block ``[r L, (r + 1) L)``, ``L = ceil(N / world)``:
-    the same number of samples on every rank, from about ``1 / world`` of the shards. A sample's stream
-    position is its place in the epoch's padded global order, whichever rank or worker reads it.
+    Epoch ``e``'s global order is the shards permuted by a generator seeded from ``(seed, e)``, cut
+    into windows of ``shards_per_window`` consecutive shards of that permutation; each window's samples
+    come together, permuted across the window's shards from ``(seed, e, window)`` (``shuffle=False``:
+    everything in the order written). A window plays the part of a shuffle buffer that mixes several
+    shards, which matters because ``moevit data shard`` writes in the folder reader's order (ImageNet:
+    class by class), so one shard alone may hold a single class; unlike a buffer, the window is a pure
+    function of the epoch and needs no state to resume. The order is padded at its tail by repeating its
+    start, as the index sampler's, and rank ``r`` reads the contiguous block ``[r L, (r + 1) L)``,
+    ``L = ceil(N / world)``: the same number of samples on every rank, from about ``1 / world`` of the
+    shards. A sample's stream position is its place in the epoch's padded global order, whichever rank
+    or worker reads it.
 
     Args:
         shard_sizes: samples per shard, in the directory's order.
         rank, world_size, shuffle, seed: as :class:`ResumableDistributedSampler`.
+        shards_per_window: shards whose samples are shuffled together.
     """
 
     order = SHARD_ORDER
@@ -188,26 +196,34 @@ class ShardOrderSampler(ResumableDistributedSampler):
         world_size: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        shards_per_window: int = SHARDS_PER_WINDOW,
     ):
         if not shard_sizes or any(size < 1 for size in shard_sizes):
             raise ValueError(f"ShardOrderSampler: shard sizes must be >= 1, got {list(shard_sizes)[:10]}")
+        if shards_per_window < 1:
+            raise ValueError(f"ShardOrderSampler: shards_per_window must be >= 1, got {shards_per_window}")
         super().__init__(sum(shard_sizes), rank, world_size, shuffle, seed)
         self.shard_sizes = tuple(int(size) for size in shard_sizes)
+        self.shards_per_window = shards_per_window
         self._shard_starts = np.cumsum((0, *self.shard_sizes[:-1]))
-        # Rewritten shards (another --shard-size) give another order: a state must not resume across that.
-        self.shard_layout = derive_seed(*self.shard_sizes)
+        # Rewritten shards (another --shard-size) or another window give another order: a state must
+        # not resume across that.
+        self.shard_layout = derive_seed(*self.shard_sizes, "window", shards_per_window)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.dataset_size)
         shards = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_sizes))
-        return np.concatenate(
-            [
-                self._shard_starts[shard]
-                + np.random.default_rng([self.seed, epoch, int(shard)]).permutation(self.shard_sizes[shard])
-                for shard in shards
-            ]
-        )
+        windows = []
+        for window, first in enumerate(range(0, len(shards), self.shards_per_window)):
+            samples = np.concatenate(
+                [
+                    np.arange(self._shard_starts[shard], self._shard_starts[shard] + self.shard_sizes[shard])
+                    for shard in shards[first : first + self.shards_per_window]
+                ]
+            )
+            windows.append(np.random.default_rng([self.seed, epoch, window]).permutation(samples))
+        return np.concatenate(windows)
 
     def _rank_slice(self, padded: np.ndarray) -> np.ndarray:
         start = self.rank * self.samples_per_epoch

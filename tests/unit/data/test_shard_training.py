@@ -18,7 +18,12 @@ from moevit.config import Config, build_config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
 from moevit.data.multitask import MultiTaskLoader, reshard_loader_states
-from moevit.data.sampler import ResumableDistributedSampler, ShardOrderSampler, reshard_sampler_state
+from moevit.data.sampler import (
+    SHARDS_PER_WINDOW,
+    ResumableDistributedSampler,
+    ShardOrderSampler,
+    reshard_sampler_state,
+)
 from moevit.data.schedule import TaskSchedule
 from moevit.data.seeding import derive_seed
 from moevit.data.shards import write_shards
@@ -33,7 +38,9 @@ NUM_CLASSES = {
     "coco": len(COCO_CATEGORY_IDS),
     "ade20k": len(ADE20K_CLASSES),
 }
-SHARD_SIZE = 7  # the tiny splits (160 / 48 / 48 train, 80 / 24 / 24 val) end in a short shard
+# The tiny splits (160 / 48 / 48 train, 80 / 24 / 24 val) end in a short shard; ImageNet train in 54
+# shards, several windows of SHARDS_PER_WINDOW.
+SHARD_SIZE = 3
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +90,23 @@ def shard_loader(cfg: Config, tasks, rank=0, world_size=1, num_workers=0) -> Mul
 
 
 def test_an_epoch_is_one_shard_permutation_split_in_equal_contiguous_rank_blocks():
-    sizes = (5, 5, 3)  # 13 samples: two ranks of 7, the 14th repeats the epoch's first sample
-    ranks = [ShardOrderSampler(sizes, rank, 2, shuffle=True, seed=9) for rank in range(2)]
+    sizes = (5, 5, 3, 4)  # 17 samples: two ranks of 9, the 18th repeats the epoch's first sample
+    ranks = [ShardOrderSampler(sizes, rank, 2, seed=9, shards_per_window=2) for rank in range(2)]
     order = ranks[0].epoch_order(4)
-    assert sorted(order.tolist()) == list(range(13))
-    shard_of = np.repeat([0, 1, 2], sizes)[order]
-    assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) == 2  # each shard's samples in one run
+    assert sorted(order.tolist()) == list(range(17))
+    shard_of = np.repeat(range(4), sizes)[order]
+    # Two windows of two shards each: the first window's samples, then the second's, each window mixed.
+    splits = [k for k in range(1, 17) if set(shard_of[:k]).isdisjoint(shard_of[k:])]
+    assert len(splits) == 1 and len(set(shard_of[: splits[0]])) == 2
+    assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) > 3  # shards interleave within a window
     blocks = [sampler.epoch_indices(4).tolist() for sampler in ranks]
-    assert [len(block) for block in blocks] == [7, 7]
+    assert [len(block) for block in blocks] == [9, 9]
     assert blocks[0] + blocks[1] == order.tolist() + order[:1].tolist()
-    positions = [[pair[1] for _, pair in zip(range(7), sampler.iter_with_positions())] for sampler in ranks]
-    assert positions == [list(range(7)), list(range(7, 14))]  # the epoch's global order, whoever reads
+    positions = [[pair[1] for _, pair in zip(range(9), sampler.iter_with_positions())] for sampler in ranks]
+    assert positions == [list(range(9)), list(range(9, 18))]  # the epoch's global order, whoever reads
     assert ranks[0].epoch_order(5).tolist() != order.tolist()
+    unshuffled = ShardOrderSampler(sizes, 1, 2, shuffle=False)
+    assert unshuffled.epoch_indices(0).tolist() == [*range(9, 17), 0]
 
 
 def test_two_ranks_of_two_workers_read_disjoint_samples_and_together_all(roots):
@@ -110,9 +122,9 @@ def test_two_ranks_of_two_workers_read_disjoint_samples_and_together_all(roots):
     shards = IndexedShards(roots[1] / "imagenet" / "train", "imagenet")
     shard_of = {decode_key(shards.raw_sample(i)["__key__"]): shards.locate(i)[0] for i in range(len(shards))}
     assert len(shard_of) == 160 and set(per_rank[0]) | set(per_rank[1]) == set(shard_of)
-    # Contiguous blocks of a shard permutation: the ranks share at most the shard at the block edge.
+    # Contiguous blocks of a shard permutation: the ranks share at most the window at the block edge.
     rank_shards = [{shard_of[key] for key in keys} for keys in per_rank]
-    assert len(rank_shards[0] & rank_shards[1]) <= 1
+    assert len(rank_shards[0] & rank_shards[1]) <= SHARDS_PER_WINDOW < len(set(shard_of.values())) / 2
 
 
 def _steps(loader: MultiTaskLoader, count: int) -> list:
@@ -161,7 +173,7 @@ def test_a_corrupt_member_is_skipped_and_counted_and_a_truncated_shard_too(roots
     shutil.copytree(folder / "imagenet", damaged_root)
     damaged = damaged_root / victim.relative_to(folder / "imagenet")
     damaged.write_bytes(damaged.read_bytes()[:200])
-    write_shards("imagenet", damaged_root, "train", tmp_path / "shards" / "train", SHARD_SIZE)
+    write_shards("imagenet", damaged_root, "train", tmp_path / "shards" / "train", shard_size=7)
     cfg = config(tmp_path / "shards", "shards")
     cfg.tasks["imagenet"].data.root = str(tmp_path / "shards")
     cfg.tasks["imagenet"].data.val_split = "train"  # read the damaged split deterministically
