@@ -19,10 +19,13 @@ truncated tar no longer holds, raises ``CorruptSampleError`` from ``__getitem__`
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 from pycocotools.coco import COCO
@@ -35,6 +38,7 @@ from moevit.data.shards.samples import ShardSampleDecoder
 # WebDataset's grouping rule: the key is the member path up to the first dot of its last component.
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
+MAX_OPEN_SHARDS = 64  # descriptors a process keeps open (see _descriptor)
 _COCO_CACHE: dict[tuple[str, int], COCO] = {}
 
 
@@ -85,13 +89,9 @@ class IndexedShards(Dataset):
         self.decode = ShardSampleDecoder(self.info, reduce_zero_label)
         self.shard_sizes = tuple(entry.num_samples for entry in self.info.shards)
         self._paths = self.info.shard_paths
-        starts, total = [], 0
-        for size in self.shard_sizes:
-            starts.append(total)
-            total += size
-        self._starts = starts
+        self._starts = [0, *itertools.accumulate(self.shard_sizes)][:-1]
         self._indexes: dict[int, list] = {}
-        self._descriptors: dict[int, int] = {}
+        self._descriptors: OrderedDict[int, int] = OrderedDict()  # least recently used first
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -99,25 +99,25 @@ class IndexedShards(Dataset):
 
     def __getstate__(self) -> dict:
         # Workers index and open shards themselves: descriptors do not travel, indexes are rebuilt lazily.
-        return {**self.__dict__, "_indexes": {}, "_descriptors": {}}
+        return {**self.__dict__, "_indexes": {}, "_descriptors": OrderedDict()}
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, sample within the shard) of sample ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} outside [0, {len(self)}) of {self.info.directory}")
-        low, high = 0, len(self._starts) - 1
-        while low < high:  # the last shard whose start is <= index
-            middle = (low + high + 1) // 2
-            if self._starts[middle] <= index:
-                low = middle
-            else:
-                high = middle - 1
-        return low, index - self._starts[low]
+        shard = bisect.bisect_right(self._starts, index) - 1  # the last shard starting at or before it
+        return shard, index - self._starts[shard]
 
     def _descriptor(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked after opening: the parent's descriptors are not ours to use
-            self._descriptors, self._pid = {}, os.getpid()
-        if shard not in self._descriptors:
+            self._descriptors, self._pid = OrderedDict(), os.getpid()
+        if shard in self._descriptors:
+            self._descriptors.move_to_end(shard)
+        else:
+            # A worker meets every shard of its rank over an epoch (ImageNet: ~1300 in all): keep only the
+            # recent ones open, well under the usual limit of 1024 descriptors per process.
+            if len(self._descriptors) >= MAX_OPEN_SHARDS:
+                os.close(self._descriptors.popitem(last=False)[1])
             self._descriptors[shard] = os.open(self._paths[shard], os.O_RDONLY)
         return self._descriptors[shard]
 
@@ -195,7 +195,6 @@ class IndexedShards(Dataset):
         return _COCO_CACHE[cache_key]
 
     def _build_coco(self) -> COCO:
-
         images, annotations = [], []
         for shard, path in enumerate(self._paths):
             descriptor = self._descriptor(shard)

@@ -14,7 +14,7 @@ from moevit.cli.shard import add_shard_parser
 from moevit.data import ADE20K, CocoDetection, ImageNetFolder
 from moevit.data.collate import collate_classification
 from moevit.data.errors import CorruptSampleError, DatasetLayoutError
-from moevit.data.shards import IndexedShards, ShardInfo, write_shards
+from moevit.data.shards import IndexedShards, ShardInfo, indexed, write_shards
 from moevit.data.shards.layout import INFO_FILE, decode_key, encode_key
 from moevit.data.skip import SkipCorrupt
 from moevit.data.synth import write_synthetic_datasets
@@ -124,6 +124,16 @@ def test_synthetic_tiny_datasets_read_the_same_from_shards(tmp_path):
         _assert_same_samples(
             _folder_samples(reader_class(root, split)), _folder_samples(IndexedShards(out, dataset))
         )
+
+
+def test_a_process_keeps_few_shards_open_and_reads_any_sample_in_any_order(
+    imagenet_fixture, imagenet_shards, monkeypatch
+):
+    monkeypatch.setattr(indexed, "MAX_OPEN_SHARDS", 2)
+    shards = IndexedShards(imagenet_shards, "imagenet")
+    order = [5, 0, 3, 1, 4, 2, 0, 5]  # six shards of one sample each, revisited
+    assert [shards[i]["key"] for i in order] == [imagenet_fixture.train_keys[i] for i in order]
+    assert list(shards._descriptors) == [0, 5]  # the two most recently read, the others closed
 
 
 # ---------------------------------------------------------------- corrupt samples and bad input
