@@ -1,22 +1,22 @@
-"""Images per second of the data pipelines at the demo's resolution, per DataLoader worker.
+"""Images per second and resident memory per DataLoader worker of the training data pipelines, per task.
 
-For every task of the config (default configs/demo.yaml: its image and batch sizes), two training
-pipelines run in a DataLoader with --workers workers:
+For every task of the config (default configs/demo.yaml: its image and batch sizes), the task's train
+split is read the way a run reads it (``MultiTaskLoader`` with this one task: the task's sampler,
+per-sample seeded train transforms, corrupt-sample skipping, the task's collate function), with
+--workers DataLoader workers, from two sources:
 
-- folder: the folder reader + train transforms + corrupt-sample skipping (``build_dataset``), batched by
-  the resumable sampler and the task's collate function, as ``MultiTaskLoader`` runs it;
-- shards: the same split written as WebDataset shards, read by ``ShardPipeline`` (resampled shards,
-  shuffle buffer, the same transforms and collate function).
+- folder: the dataset in its own layout (``data.storage: folder``);
+- shards: the same split written by ``moevit data shard`` (``data.storage: shards``), read by sample
+  index from the tar files (``moevit.data.shards.indexed``) in the shard-block order.
 
-Warm-up batches (worker start, file cache and, for shards, filling the shuffle buffer, during which
-webdataset reads two raw samples per sample it yields) are not timed; the next --batches are, so the
-figures are steady-state rates. Runs of the two pipelines alternate --repeats times; the median is
-reported. Given a measured demo step time (--step-seconds), it also prints what the demo consumes per
-task (the schedule's probability that a step trains the task x its batch size / step time) and each
-pipeline's rate over it. Not a test: figures are measured, not asserted. Without --data, synthetic
-data (--size) is written to a temporary directory.
+Warm-up batches (worker start, file cache) are not timed; the next --batches are, so the figures are
+steady-state rates. Runs of the two sources alternate --repeats times; the median rate is reported,
+with the workers' resident set size (RSS, mean over the workers, read with psutil after the timed
+batches; the main process's with --workers 0). Given a measured demo step time (--step-seconds), it
+also prints what the demo consumes per task and each pipeline's rate over it. Not a test: figures are
+measured, not asserted. Without --data, synthetic data (--size) is written to a temporary directory.
 
-    python benchmarks/data.py --workers 1 [--data DIR] [--size tiny|small] [--step-seconds S] [--json OUT]
+    python benchmarks/data.py --workers 1 [--data DIR] [--size tiny|small|real] [--step-seconds S] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,60 +27,58 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
 import torch
-from torch.utils.data import DataLoader
 
 from moevit.config import load_config
 from moevit.data.build import build_dataset
 from moevit.data.collate import collate_for_task
-from moevit.data.sampler import ResumableBatchSampler, ResumableDistributedSampler
+from moevit.data.multitask import MultiTaskLoader
 from moevit.data.schedule import TaskSchedule
-from moevit.data.shards import build_shard_pipeline, write_shards
-from moevit.data.shards.reader import DEFAULT_SHUFFLE_BUFFER
+from moevit.data.shards import write_shards
 from moevit.data.synth import write_synthetic_datasets
 
-SHARD_SIZE = 256
+SHARD_SIZE = 64  # several shards per split even on --size small data
 
 
-def time_batches(loader: Iterable[dict], warmup: int, batches: int) -> float:
-    """Images per second over ``batches`` batches of a fresh loader, after ``warmup`` untimed ones."""
-    iterator = iter(loader)
-    for _ in range(warmup):
-        next(iterator)
-    images = 0
-    started = time.perf_counter()
-    for _ in range(batches):
-        images += next(iterator)["images"].shape[0]
-    elapsed = time.perf_counter() - started
-    del iterator  # stops the workers before the next run starts its own
-    return images / elapsed
+def worker_memory_mib() -> tuple[float, float]:
+    """Mean (RSS, USS) of this process's DataLoader workers (its children), else its own, in MiB.
 
-
-def folder_loader(task, workers: int, seed: int) -> DataLoader:
-    dataset = build_dataset(task.type, task.data, train=True)
-    sampler = ResumableDistributedSampler(len(dataset), seed=seed)
-    return DataLoader(
-        dataset,
-        batch_sampler=ResumableBatchSampler(sampler, task.data.batch_size),
-        collate_fn=collate_for_task(task.type),
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
+    RSS counts the pages a forked worker shares with the main process (torch, the interpreter); USS
+    only the ones it alone holds, what each added worker costs."""
+    processes = psutil.Process().children() or [psutil.Process()]
+    infos = [process.memory_full_info() for process in processes]
+    return (
+        statistics.mean(info.rss for info in infos) / 2**20,
+        statistics.mean(info.uss for info in infos) / 2**20,
     )
 
 
-def shard_loader(task, shard_dir: Path, workers: int, seed: int, num_batches: int) -> DataLoader:
-    return build_shard_pipeline(
-        shard_dir,
-        task.type,
-        task.data.image_size,
-        task.data.batch_size,
-        train=True,
-        num_workers=workers,
+def time_batches(loader: MultiTaskLoader, warmup: int, batches: int) -> tuple[float, tuple[float, float]]:
+    """(images per second over ``batches`` batches after ``warmup`` untimed ones, worker (RSS, USS) MiB)."""
+    for _ in range(warmup):
+        next(loader)
+    images = 0
+    started = time.perf_counter()
+    for _ in range(batches):
+        images += next(loader).batches[0].batch["images"].shape[0]
+    elapsed = time.perf_counter() - started
+    memory = worker_memory_mib()
+    loader.close()  # stops the workers before the next run starts its own
+    return images / elapsed, memory
+
+
+def task_loader(name: str, task, workers: int, seed: int) -> MultiTaskLoader:
+    """The task's training stream as a run reads it, alone."""
+    return MultiTaskLoader(
+        {name: build_dataset(task.type, task.data, train=True)},
+        {name: task.data.batch_size},
+        {name: collate_for_task(task.type)},
+        TaskSchedule((name,), "all", seed=seed),
         seed=seed,
-        batches_per_epoch=num_batches,
+        num_workers=workers,
     )
 
 
@@ -102,15 +100,10 @@ def main() -> None:
         "--data", type=Path, default=None, help="synthetic data root (imagenet/, coco/, ade20k/)"
     )
     parser.add_argument(
-        "--size", default="tiny", choices=["tiny", "small"], help="synthetic size without --data"
+        "--size", default="tiny", choices=["tiny", "small", "real"], help="synthetic size without --data"
     )
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="untimed batches; default: enough to fill the shuffle buffers",
-    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per run")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=None, help="measured demo step time")
@@ -126,44 +119,51 @@ def main() -> None:
             write_synthetic_datasets(data_root, seed=0, size=args.size)
         rows, dataset_sizes = [], {}
         for name, task in cfg.tasks.items():
-            task = dataclasses.replace(
-                task, data=dataclasses.replace(task.data, root=str(data_root / task.data.format))
-            )
-            shard_dir = Path(scratch) / "shards" / name
-            summary = write_shards(
-                task.data.format, task.data.root, task.data.train_split, shard_dir, SHARD_SIZE
-            )
+            folder_data = dataclasses.replace(task.data, root=str(data_root / task.data.format))
+            shard_root = Path(scratch) / "shards" / name
+            split = task.data.train_split
+            summary = write_shards(task.data.format, folder_data.root, split, shard_root / split, SHARD_SIZE)
             dataset_sizes[name] = summary["num_samples"]
-            warmup = args.warmup
-            if warmup is None:
-                warmup = 2 + -(-DEFAULT_SHUFFLE_BUFFER * max(args.workers, 1) // task.data.batch_size)
-            runs = {"folder": [], "shards": []}
+            sources = {
+                "folder": dataclasses.replace(task, data=folder_data),
+                "shards": dataclasses.replace(
+                    task, data=dataclasses.replace(task.data, root=str(shard_root), storage="shards")
+                ),
+            }
+            runs = {source: [] for source in sources}
             for _ in range(args.repeats):
-                folder = folder_loader(task, args.workers, cfg.seed)
-                runs["folder"].append(time_batches(folder, warmup, args.batches))
-                shards = shard_loader(task, shard_dir, args.workers, cfg.seed, warmup + args.batches)
-                runs["shards"].append(time_batches(shards, warmup, args.batches))
-            for pipeline, rates in runs.items():
+                for source, source_task in sources.items():
+                    loader = task_loader(name, source_task, args.workers, cfg.seed)
+                    runs[source].append(time_batches(loader, args.warmup, args.batches))
+            for pipeline, measured in runs.items():
+                rates = [rate for rate, _ in measured]
                 rows.append(
                     {
                         "task": name,
                         "pipeline": pipeline,
                         "image_size": task.data.image_size,
                         "batch_size": task.data.batch_size,
-                        "warmup_batches": warmup,
+                        "warmup_batches": args.warmup,
                         "images_per_s": statistics.median(rates),
                         "min": min(rates),
                         "max": max(rates),
+                        "rss_mib_per_worker": statistics.median(memory[0] for _, memory in measured),
+                        "uss_mib_per_worker": statistics.median(memory[1] for _, memory in measured),
                     }
                 )
 
     per_worker = max(args.workers, 1)
     probabilities = step_probabilities(cfg, dataset_sizes)
+    load = ", ".join(f"{value:.2f}" for value in psutil.getloadavg())
     print(
         f"train pipelines, {args.workers} DataLoader worker(s), {args.batches} timed batches after "
-        f"warm-up, median of {args.repeats}; data: {args.data or f'synthetic {args.size}'}"
+        f"{args.warmup} warm-up, median of {args.repeats}; data: {args.data or f'synthetic {args.size}'}; "
+        f"load average {load}"
     )
-    header = f"{'task':<10} {'pipeline':<8} {'size':>4} {'batch':>5} {'img/s':>8} {'img/s/worker':>12}"
+    header = (
+        f"{'task':<10} {'pipeline':<8} {'size':>4} {'batch':>5} {'img/s':>8} {'img/s/worker':>12} "
+        f"{'RSS/worker MiB':>14} {'USS/worker MiB':>14}"
+    )
     if args.step_seconds:
         header += f" {'demo needs':>10} {'ratio':>6}"
     print(header)
@@ -171,7 +171,8 @@ def main() -> None:
         row["images_per_s_per_worker"] = row["images_per_s"] / per_worker
         line = (
             f"{row['task']:<10} {row['pipeline']:<8} {row['image_size']:>4} {row['batch_size']:>5} "
-            f"{row['images_per_s']:8.1f} {row['images_per_s_per_worker']:12.1f}"
+            f"{row['images_per_s']:8.1f} {row['images_per_s_per_worker']:12.1f} {row['rss_mib_per_worker']:14.0f} "
+            f"{row['uss_mib_per_worker']:14.0f}"
         )
         if args.step_seconds:
             needed = probabilities[row["task"]] * row["batch_size"] / args.step_seconds
@@ -185,7 +186,8 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, f, indent=2)
+            record = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average": load, "rows": rows}
+            json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

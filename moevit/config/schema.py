@@ -21,6 +21,7 @@ from moevit.config.transforms import (  # noqa: F401 (re-exported: part of the s
 
 TaskType = Literal["classification", "detection", "segmentation"]
 DatasetFormat = Literal["imagenet", "coco", "ade20k"]
+DatasetStorage = Literal["folder", "shards"]
 
 # Which dataset format serves which task type.
 FORMAT_TASK_TYPE: dict[str, str] = {
@@ -133,6 +134,10 @@ DEFAULT_IMAGE_SIZE = 224  # ImageNet's training resolution; also what a task wit
 class DatasetConfig:
     format: DatasetFormat
     root: str
+    # folder: `root` is the dataset in its own layout. shards: `root` holds one directory per split
+    # (`root/{train_split}`, `root/{val_split}`), each written by `moevit data shard --out`; `format`
+    # still names the dataset kind, which fixes the transforms and is checked against the shards.
+    storage: DatasetStorage = "folder"
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = DEFAULT_IMAGE_SIZE

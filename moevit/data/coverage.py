@@ -62,9 +62,9 @@ def train_split_size(data: DatasetConfig) -> DatasetSize:
     """
     if not Path(data.root).exists():
         return DatasetSize(NOMINAL_TRAIN_SIZES[data.format], nominal=True)
-    from moevit.data.build import READERS  # the readers pull in decoding and transforms: only when needed
+    from moevit.data.build import open_reader  # the readers pull in decoding and transforms: only when needed
 
-    return DatasetSize(len(READERS[data.format](data.root, data.train_split)), nominal=False)
+    return DatasetSize(len(open_reader(data, data.train_split)), nominal=False)
 
 
 def epochs_covered(

@@ -48,7 +48,12 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from moevit.data.sampler import ResumableBatchSampler, ResumableDistributedSampler, reshard_sampler_state
+from moevit.data.sampler import (
+    ResumableBatchSampler,
+    ResumableDistributedSampler,
+    ShardOrderSampler,
+    reshard_sampler_state,
+)
 from moevit.data.schedule import TaskSchedule
 from moevit.data.seeding import SeededSamples, derive_seed
 
@@ -98,11 +103,24 @@ def count_skipped(batch: Any) -> int:
     return 0
 
 
+def _task_sampler(
+    dataset: Dataset, rank: int, world_size: int, shuffle: bool, seed: int
+) -> ResumableDistributedSampler:
+    """The task's index stream: a shard directory (a dataset with ``shard_sizes``, through its wrappers)
+    is read shard by shard, each rank a contiguous block (:class:`ShardOrderSampler`); any other
+    dataset as a permutation of its indices."""
+    shard_sizes = getattr(dataset, "shard_sizes", None)
+    if shard_sizes is not None:
+        return ShardOrderSampler(shard_sizes, rank, world_size, shuffle, seed)
+    return ResumableDistributedSampler(len(dataset), rank, world_size, shuffle, seed)
+
+
 class MultiTaskLoader:
     """Endless iterator of :class:`StepPlan` over several datasets, with exact resume.
 
     Args:
-        datasets: one map-style dataset per task of ``schedule``.
+        datasets: one map-style dataset per task of ``schedule``; one with a ``shard_sizes`` attribute
+            (a shard directory, moevit.data.shards.indexed) is read shard by shard.
         batch_sizes: per-rank micro-batch size per task.
         collate_fns: collate function per task; ``None`` or a missing task uses torch's ``default_collate``.
         schedule: decides the tasks of every step; must be built identically on every rank.
@@ -182,9 +200,7 @@ class MultiTaskLoader:
             "worker_init_fn": worker_init_fn,
         }
         self._samplers = {
-            t: ResumableDistributedSampler(
-                len(self._datasets[t]), rank, world_size, shuffle, derive_seed(seed, t)
-            )
+            t: _task_sampler(self._datasets[t], rank, world_size, shuffle, derive_seed(seed, t))
             for t in tasks
         }
         self._batch_iterators: dict[str, Iterator[Any]] = {}

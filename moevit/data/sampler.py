@@ -13,6 +13,10 @@ same on every rank (ranks advance in lock step), so one rank's state restores th
 
 :class:`ResumableBatchSampler` groups the stream into lists of ``batch_size`` indices, to be passed as
 a DataLoader's ``batch_sampler``. Batches run across epoch boundaries, so every batch is full.
+
+:class:`ShardOrderSampler` is the same stream for a shard directory (moevit.data.shards.indexed): an
+epoch is one permutation of the shards, and each rank reads a contiguous block of it, so a rank opens
+about ``1 / world_size`` of the shards instead of touching every one.
 """
 
 from collections.abc import Iterator
@@ -20,7 +24,10 @@ from itertools import islice
 
 import numpy as np
 
+from moevit.data.seeding import derive_seed
+
 _GEOMETRY_KEYS = ("dataset_size", "world_size", "shuffle", "seed")
+INDEX_ORDER, SHARD_ORDER = "indices", "shard_blocks"  # the `order` of a sampler state (absent: indices)
 
 
 class ResumableDistributedSampler:
@@ -38,6 +45,9 @@ class ResumableDistributedSampler:
         shuffle: permute each epoch; ``False`` walks the indices in order.
         seed: seed of the per-epoch permutations; every rank must use the same one.
     """
+
+    order = INDEX_ORDER
+    geometry_keys = _GEOMETRY_KEYS
 
     def __init__(
         self, dataset_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0
@@ -73,15 +83,24 @@ class ResumableDistributedSampler:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's indices for ``epoch``, in the order they are yielded."""
         if epoch != self._cached_epoch:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
-            else:
-                order = np.arange(self.dataset_size)
             # np.resize repeats the array cyclically: the padding torch's DistributedSampler adds.
-            padded = np.resize(order, self.samples_per_epoch * self.world_size)
-            self._cached_indices = padded[self.rank :: self.world_size]
+            padded = np.resize(self.epoch_order(epoch), self.samples_per_epoch * self.world_size)
+            self._cached_indices = self._rank_slice(padded)
             self._cached_epoch = epoch
         return self._cached_indices
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All ranks' indices of ``epoch`` in their global order, before padding."""
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
+        return np.arange(self.dataset_size)
+
+    def _rank_slice(self, padded: np.ndarray) -> np.ndarray:
+        return padded[self.rank :: self.world_size]
+
+    def _global_position(self, local: int) -> int:
+        """Where this rank's ``local``-th sample of an epoch stands in the epoch's padded global order."""
+        return local * self.world_size + self.rank
 
     def __iter__(self) -> Iterator[int]:
         for index, _ in self.iter_with_positions():
@@ -97,7 +116,7 @@ class ResumableDistributedSampler:
             epoch_start = epoch * self.samples_per_epoch * self.world_size
             for local, index in enumerate(self.epoch_indices(epoch)[position:].tolist(), start=position):
                 self._offset += 1
-                yield index, epoch_start + local * self.world_size + self.rank
+                yield index, epoch_start + self._global_position(local)
 
     def state_at(self, num_samples: int) -> dict[str, int | bool]:
         """The state after ``num_samples`` indices have been drawn from the start of the stream."""
@@ -119,10 +138,14 @@ class ResumableDistributedSampler:
 
     def load_state_dict(self, state: dict[str, int | bool]) -> None:
         """Continue from a saved state; it must come from a sampler with the same geometry."""
-        missing = [k for k in ("epoch", "position", *_GEOMETRY_KEYS) if k not in state]
+        missing = [k for k in ("epoch", "position", *self.geometry_keys) if k not in state]
         if missing:
             raise KeyError(f"sampler state lacks keys {missing}; got keys {sorted(state)}")
-        mismatched = {k: (state[k], getattr(self, k)) for k in _GEOMETRY_KEYS if state[k] != getattr(self, k)}
+        mismatched = {
+            k: (state[k], getattr(self, k))
+            for k in (*self.geometry_keys, "order")
+            if state.get(k, "indices") != getattr(self, k)
+        }
         if mismatched:
             details = ", ".join(
                 f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in mismatched.items()
@@ -137,6 +160,80 @@ class ResumableDistributedSampler:
                 f"(in [0, {self.samples_per_epoch}))"
             )
         self._offset = epoch * self.samples_per_epoch + position
+
+
+SHARDS_PER_WINDOW = 16
+
+
+class ShardOrderSampler(ResumableDistributedSampler):
+    """The resumable stream of a shard directory's samples (indices in the order written).
+
+    Epoch ``e``'s global order is the shards permuted by a generator seeded from ``(seed, e)``, cut
+    into windows of ``shards_per_window`` consecutive shards of that permutation; each window's samples
+    come together, permuted across the window's shards from ``(seed, e, window)`` (``shuffle=False``:
+    everything in the order written). A window plays the part of a shuffle buffer that mixes several
+    shards, which matters because ``moevit data shard`` writes in the folder reader's order (ImageNet:
+    class by class), so one shard alone may hold a single class; unlike a buffer, the window is a pure
+    function of the epoch and needs no state to resume. The order is padded at its tail by repeating its
+    start, as the index sampler's, and rank ``r`` reads the contiguous block ``[r L, (r + 1) L)``,
+    ``L = ceil(N / world)``: the same number of samples on every rank, from about ``1 / world`` of the
+    shards. A sample's stream position is its place in the epoch's padded global order, whichever rank
+    or worker reads it.
+
+    Args:
+        shard_sizes: samples per shard, in the directory's order.
+        rank, world_size, shuffle, seed: as :class:`ResumableDistributedSampler`.
+        shards_per_window: shards whose samples are shuffled together.
+    """
+
+    order = SHARD_ORDER
+    geometry_keys = (*_GEOMETRY_KEYS, "shard_layout")
+
+    def __init__(
+        self,
+        shard_sizes: tuple[int, ...],
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        shards_per_window: int = SHARDS_PER_WINDOW,
+    ):
+        if not shard_sizes or any(size < 1 for size in shard_sizes):
+            raise ValueError(f"ShardOrderSampler: shard sizes must be >= 1, got {list(shard_sizes)[:10]}")
+        if shards_per_window < 1:
+            raise ValueError(f"ShardOrderSampler: shards_per_window must be >= 1, got {shards_per_window}")
+        super().__init__(sum(shard_sizes), rank, world_size, shuffle, seed)
+        self.shard_sizes = tuple(int(size) for size in shard_sizes)
+        self.shards_per_window = shards_per_window
+        self._shard_starts = np.cumsum((0, *self.shard_sizes[:-1]))
+        # Rewritten shards (another --shard-size) or another window give another order: a state must
+        # not resume across that.
+        self.shard_layout = derive_seed(*self.shard_sizes, "window", shards_per_window)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.dataset_size)
+        shards = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_sizes))
+        windows = []
+        for window, first in enumerate(range(0, len(shards), self.shards_per_window)):
+            samples = np.concatenate(
+                [
+                    np.arange(self._shard_starts[shard], self._shard_starts[shard] + self.shard_sizes[shard])
+                    for shard in shards[first : first + self.shards_per_window]
+                ]
+            )
+            windows.append(np.random.default_rng([self.seed, epoch, window]).permutation(samples))
+        return np.concatenate(windows)
+
+    def _rank_slice(self, padded: np.ndarray) -> np.ndarray:
+        start = self.rank * self.samples_per_epoch
+        return padded[start : start + self.samples_per_epoch]
+
+    def _global_position(self, local: int) -> int:
+        return self.rank * self.samples_per_epoch + local
+
+    def state_at(self, num_samples: int) -> dict[str, int | bool | str]:
+        return {**super().state_at(num_samples), "order": self.order, "shard_layout": self.shard_layout}
 
 
 class ResumableBatchSampler:
@@ -177,7 +274,12 @@ def reshard_sampler_state(saved: dict, new_world: int) -> tuple[dict, int, bool]
     new_per_epoch = -(-size // new_world)
     epoch, position = saved["epoch"], saved["position"]
     read = position * old_world  # samples of this epoch read by all ranks together
-    exact = position == 0 or (size % old_world == 0 and size % new_world == 0 and read % new_world == 0)
+    if saved.get("order", INDEX_ORDER) == SHARD_ORDER:
+        # Shard ranks read contiguous blocks: what they read together is no prefix of the epoch's
+        # order, so no position of a new rank layout continues it.
+        exact = position == 0
+    else:
+        exact = position == 0 or (size % old_world == 0 and size % new_world == 0 and read % new_world == 0)
     if exact:
         position = read // new_world  # < new_per_epoch, since read < size
     else:

@@ -3,7 +3,8 @@
 Every rank of an expert-parallel group must run the same number of forwards, or the all-to-all
 exchanges hang. So evaluation splits the dataset the way ``torch.utils.data.DistributedSampler``
 does (``moevit.data.sampler``): in order, padded by wrap-around to a multiple of the world size,
-rank ``r`` taking every ``world_size``-th index from ``r``. The padding repeats real samples, and
+rank ``r`` taking every ``world_size``-th index from ``r`` (for a shard directory, the ``r``-th
+contiguous block instead, so each rank reads its own shards). The padding repeats real samples, and
 ``SkipCorrupt`` may repeat one too (an unreadable sample is replaced by its next neighbour).
 
 Metrics therefore keep one record per sample, keyed by a sample id (the sample's ``key``, or the
@@ -18,13 +19,24 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
-from moevit.data.sampler import ResumableDistributedSampler
+from moevit.data.sampler import ResumableDistributedSampler, ShardOrderSampler
 from moevit.parallel.collectives import all_gather_objects
 
 
-def padded_rank_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:
-    """This rank's dataset indices in order: ``ceil(dataset_size / world_size)`` of them on every rank."""
-    sampler = ResumableDistributedSampler(dataset_size, rank=rank, world_size=world_size, shuffle=False)
+def padded_rank_indices(
+    dataset_size: int, rank: int, world_size: int, shard_sizes: tuple[int, ...] | None = None
+) -> list[int]:
+    """This rank's dataset indices in order: ``ceil(dataset_size / world_size)`` of them on every rank.
+
+    With ``shard_sizes`` (a shard directory), rank ``r`` takes the contiguous block ``r`` of the padded
+    order instead of a strided slice, so ranks open disjoint shards (but the ones at block edges).
+    """
+    if shard_sizes is not None:
+        if sum(shard_sizes) != dataset_size:
+            raise ValueError(f"shard sizes sum to {sum(shard_sizes)}, not the dataset's {dataset_size}")
+        sampler = ShardOrderSampler(shard_sizes, rank=rank, world_size=world_size, shuffle=False)
+    else:
+        sampler = ResumableDistributedSampler(dataset_size, rank=rank, world_size=world_size, shuffle=False)
     return sampler.epoch_indices(0).tolist()
 
 

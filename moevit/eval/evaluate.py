@@ -132,7 +132,7 @@ def _run_task(
         predict = _segmentation_predictor(model, task, task_cfg)
     else:
         predict = lambda batch: model.predict(task, batch)  # noqa: E731 (the two branches read alike)
-    indices = padded_rank_indices(len(dataset), rank, world_size)
+    indices = padded_rank_indices(len(dataset), rank, world_size, getattr(dataset, "shard_sizes", None))
     loader = DataLoader(
         dataset,
         batch_sampler=rank_batches(indices, task_cfg.data.batch_size, max_batches),

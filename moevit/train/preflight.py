@@ -1,7 +1,8 @@
 """Checks a training config can run on `world_size` processes, before any process group starts.
 
 The loader (moevit.config.loader) already refused unknown keys and wrong types. What is left needs the
-tasks, the built model or the world size: every task has a dataset whose root exists, the model builds
+tasks, the built model or the world size: every task has a dataset whose root exists (with shards: whose
+split directories hold shards of the config's format), the model builds
 (top-k within the expert count, image sizes that fit the patch grid), and `parallel.ep_size` divides
 both the world size and every MoE layer's expert count (moevit.parallel.layout.check_layout).
 `start_from_init` loads `model.init` into the built model (moevit.artifacts.init).
@@ -16,7 +17,9 @@ import torch
 from moevit.artifacts.init import InitReport, apply_init
 from moevit.config.errors import ConfigError
 from moevit.config.schema import Config
+from moevit.data.errors import DatasetLayoutError
 from moevit.data.seeding import derive_seed
+from moevit.data.shards.indexed import IndexedShards
 from moevit.factory import build_model
 from moevit.layers.moe_mlp import MoEMlp
 from moevit.models.multitask import MultiTaskModel
@@ -41,6 +44,13 @@ def build_checked_model(cfg: Config, world_size: int, source: str = "config") ->
     for name, task in cfg.tasks.items():
         if not Path(task.data.root).is_dir():
             raise ConfigError(source, f"'tasks.{name}.data.root': {task.data.root} is not a directory")
+        if task.data.storage == "shards":
+            # Only _info.json is read: a missing, empty or unfinished split, or shards of another dataset.
+            for split in (task.data.train_split, task.data.val_split):
+                try:
+                    IndexedShards(Path(task.data.root) / split, task.data.format)
+                except DatasetLayoutError as err:
+                    raise ConfigError(source, f"'tasks.{name}.data' (storage: shards): {err}") from None
     check_wandb_available(cfg, source)  # before a job is submitted or workers spawn, not at step 1
     torch.manual_seed(cfg.seed)  # every rank builds identical weights; EP then keeps each rank's shard
     try:

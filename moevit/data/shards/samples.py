@@ -1,20 +1,17 @@
-"""Raw shard samples -> the folder readers' sample dicts, and corrupt-sample skipping on a stream.
+"""Raw shard samples -> the folder readers' sample dicts.
 
 ``ShardSampleDecoder`` calls the functions of ``moevit.data.decode`` on the member bytes that
 ``writer.py`` copied from the original files, with the checks the folder readers make (COCO record
 size against the image, ADE20K mask size against the image), so a shard sample equals the folder
 sample: same tensors, labels, boxes, masks and key.
 
-``SkipCorruptStream`` is ``moevit.data.skip.SkipCorrupt`` for streams: a sample raising
-``CorruptSampleError`` is dropped, logged once per path, counted, and the next readable sample carries
-``"num_skipped"`` (how many were passed over before it), which the collate functions sum per batch.
+A sample that fails to decode raises ``CorruptSampleError``; ``moevit.data.skip.SkipCorrupt`` replaces
+and counts it, as for folder files.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterable, Iterator
 
 from moevit.data.decode import (
     ADE20K_NUM_CLASSES,
@@ -22,10 +19,8 @@ from moevit.data.decode import (
     coco_target_from_annotations,
     decode_image,
 )
-from moevit.data.errors import CorruptSampleError, TooManyCorruptSamplesError
+from moevit.data.errors import CorruptSampleError
 from moevit.data.shards.layout import ShardInfo, decode_key
-
-logger = logging.getLogger(__name__)
 
 MEMBERS = {"imagenet": ("jpg", "cls"), "coco": ("jpg", "json"), "ade20k": ("jpg", "png")}
 
@@ -99,54 +94,3 @@ class ShardSampleDecoder:
                 name, f"mask is {tuple(mask.shape)} (H, W) but the image is {tuple(image.shape[-2:])}"
             )
         return {"image": image, "mask": mask, "key": key}
-
-
-class SkipCorruptStream:
-    """Applies ``decode`` to a stream of raw samples, dropping those that raise ``CorruptSampleError``.
-
-    Args:
-        decode: raw sample -> sample dict (a :class:`ShardSampleDecoder`).
-        max_consecutive: how many corrupt samples in a row are tolerated before giving up.
-
-    Attributes:
-        num_skipped: corrupt samples met by this process (each DataLoader worker keeps its own).
-        logged_paths: paths already reported by this process; each is logged once.
-
-    A corrupt sample at the very end of a finite stream has no successor to carry its count; it is
-    still in ``num_skipped``.
-
-    Raises (while iterating):
-        TooManyCorruptSamplesError: ``max_consecutive`` samples in a row were corrupt.
-    """
-
-    def __init__(self, decode: Callable[[dict], dict], max_consecutive: int = 32) -> None:
-        if max_consecutive < 1:
-            raise ValueError(f"max_consecutive must be at least 1, got {max_consecutive}")
-        self.decode = decode
-        self.max_consecutive = max_consecutive
-        self.num_skipped = 0
-        self.logged_paths: set[str] = set()
-
-    def __call__(self, raw_samples: Iterable[dict]) -> Iterator[dict]:
-        passed_over = 0
-        for raw in raw_samples:
-            try:
-                sample = self.decode(raw)
-            except CorruptSampleError as err:
-                self._record(err)
-                passed_over += 1
-                if passed_over >= self.max_consecutive:
-                    raise TooManyCorruptSamplesError(
-                        f"{passed_over} shard samples in a row are unreadable, the last one: {err}. "
-                        "The shards are probably damaged or not written by `moevit data shard`."
-                    ) from err
-                continue
-            sample["num_skipped"] = passed_over
-            passed_over = 0
-            yield sample
-
-    def _record(self, error: CorruptSampleError) -> None:
-        self.num_skipped += 1
-        if error.path not in self.logged_paths:
-            self.logged_paths.add(error.path)
-            logger.warning("skipping corrupt shard sample %s: %s", error.path, error.reason)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from moevit.cli.shard import add_shard_parser
 from moevit.data import ADE20K, CocoDetection, ImageNetFolder
 from moevit.data.collate import collate_classification
 from moevit.data.errors import CorruptSampleError, DatasetLayoutError
-from moevit.data.shards import ShardDataset, ShardInfo, ShardPipeline, build_shard_pipeline, write_shards
+from moevit.data.shards import IndexedShards, ShardInfo, indexed, write_shards
 from moevit.data.shards.layout import INFO_FILE, decode_key, encode_key
+from moevit.data.skip import SkipCorrupt
 from moevit.data.synth import write_synthetic_datasets
 
 
@@ -35,7 +34,7 @@ def _folder_samples(reader) -> list[dict]:
 def _assert_same_samples(folder: list[dict], shard: list[dict]) -> None:
     assert [s["key"] for s in shard] == [s["key"] for s in folder]
     for expected, actual in zip(folder, shard):
-        assert set(actual) == set(expected) | {"num_skipped"}, expected["key"]
+        assert set(actual) == set(expected), expected["key"]
         for name, value in expected.items():
             if isinstance(value, torch.Tensor):
                 assert type(actual[name]) is type(value), (expected["key"], name)
@@ -46,10 +45,6 @@ def _assert_same_samples(folder: list[dict], shard: list[dict]) -> None:
                     assert actual[name].format == value.format
             else:
                 assert actual[name] == value, (expected["key"], name)
-
-
-def _keys(batches) -> list[str]:
-    return [key for batch in batches for key in batch["keys"]]
 
 
 @pytest.fixture
@@ -69,8 +64,8 @@ def test_imagenet_shards_equal_folder_samples(imagenet_fixture, tmp_path):
     dotted.write_bytes((imagenet_fixture.root / f"{imagenet_fixture.cmyk_key}.JPEG").read_bytes())
     summary = write_shards("imagenet", imagenet_fixture.root, "train", tmp_path / "shards", shard_size=4)
     folder = ImageNetFolder(imagenet_fixture.root, "train")
-    shard = ShardDataset(tmp_path / "shards")
-    samples = list(shard)
+    shard = IndexedShards(tmp_path / "shards", "imagenet")
+    samples = _folder_samples(shard)
     _assert_same_samples(_folder_samples(folder), samples)
     keys = {s["key"] for s in samples}
     assert {imagenet_fixture.cmyk_key, imagenet_fixture.gray_key, imagenet_fixture.png_named_jpeg_key} <= keys
@@ -86,8 +81,8 @@ def test_imagenet_shards_equal_folder_samples(imagenet_fixture, tmp_path):
 def test_coco_shards_equal_folder_samples(coco_fixture, tmp_path):
     summary = write_shards("coco", coco_fixture.root, "val", tmp_path / "shards", shard_size=1)
     folder = CocoDetection(coco_fixture.root, "val")
-    shard = ShardDataset(tmp_path / "shards", task_type="detection")
-    samples = list(shard)
+    shard = IndexedShards(tmp_path / "shards", "coco")
+    samples = _folder_samples(shard)
     _assert_same_samples(_folder_samples(folder), samples)
     by_id = {s["image_id"]: s for s in samples}
     for image_id, (boxes, labels) in coco_fixture.expected_targets.items():  # crowd and degenerate left out
@@ -109,10 +104,10 @@ def test_coco_shards_equal_folder_samples(coco_fixture, tmp_path):
 def test_ade20k_shards_equal_folder_samples(ade20k_fixture, tmp_path):
     write_shards("ade20k", ade20k_fixture.root, "train", tmp_path / "shards", shard_size=1)
     folder = _folder_samples(ADE20K(ade20k_fixture.root, "train"))
-    samples = list(ShardDataset(tmp_path / "shards"))
+    samples = _folder_samples(IndexedShards(tmp_path / "shards", "ade20k"))
     _assert_same_samples(folder, samples)
     assert set(samples[0]["mask"].unique().tolist()) == {0, 149, 255}  # stored 0 -> 255, 1 -> 0, 150 -> 149
-    raw = list(ShardDataset(tmp_path / "shards", reduce_zero_label=False))
+    raw = _folder_samples(IndexedShards(tmp_path / "shards", "ade20k", reduce_zero_label=False))
     _assert_same_samples(_folder_samples(ADE20K(ade20k_fixture.root, "train", reduce_zero_label=False)), raw)
 
 
@@ -126,83 +121,19 @@ def test_synthetic_tiny_datasets_read_the_same_from_shards(tmp_path):
     for dataset, (reader_class, split) in splits.items():
         root, out = tmp_path / "synth" / dataset, tmp_path / "shards" / dataset
         write_shards(dataset, root, split, out, shard_size=10)
-        _assert_same_samples(_folder_samples(reader_class(root, split)), list(ShardDataset(out)))
-
-    coco_train = build_shard_pipeline(
-        tmp_path / "shards" / "coco", "detection", 96, batch_size=4, train=True, batches_per_epoch=2
-    )
-    batches = list(coco_train)
-    assert len(batches) == len(coco_train) == 2
-    assert batches[0]["images"].shape == (4, 3, 96, 96) and len(batches[0]["targets"]) == 4
-    ade_eval = build_shard_pipeline(
-        tmp_path / "shards" / "ade20k", "segmentation", 64, batch_size=10, train=False
-    )
-    assert [batch["masks"].shape[0] for batch in ade_eval] == [10, 10, 4]
+        _assert_same_samples(
+            _folder_samples(reader_class(root, split)), _folder_samples(IndexedShards(out, dataset))
+        )
 
 
-# ---------------------------------------------------------------- splitting, resampling, determinism
-
-
-def test_ranks_read_disjoint_shards(imagenet_fixture, imagenet_shards):
-    per_rank = [[s["key"] for s in ShardDataset(imagenet_shards, rank=rank, world_size=2)] for rank in (0, 1)]
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == imagenet_fixture.train_keys
-
-
-def test_resampled_ranks_yield_equal_batch_counts_from_their_own_shards(imagenet_shards):
-    rank_keys = [
-        {s["key"] for s in ShardDataset(imagenet_shards, rank=rank, world_size=4)} for rank in range(4)
-    ]
-    for batches_per_epoch, expected in ((None, 1), (5, 5)):  # None: ceil(6 samples / (4 ranks x 2))
-        for rank in range(4):  # ranks 0 and 1 hold 2 shards, ranks 2 and 3 hold 1
-            pipeline = ShardPipeline(
-                imagenet_shards, 2, rank=rank, world_size=4, batches_per_epoch=batches_per_epoch
-            )
-            batches = list(pipeline)
-            assert len(batches) == len(pipeline) == expected
-            assert all(len(batch["keys"]) == 2 for batch in batches)
-            assert set(_keys(batches)) <= rank_keys[rank]
-
-
-def test_resampling_is_a_function_of_seed_and_epoch(imagenet_shards):
-    def keys(seed: int, epoch: int) -> list[str]:
-        pipeline = ShardPipeline(imagenet_shards, 2, seed=seed, batches_per_epoch=10, shuffle_buffer=4)
-        pipeline.set_epoch(epoch)
-        return _keys(pipeline)
-
-    first = keys(seed=0, epoch=0)
-    assert keys(seed=0, epoch=0) == first
-    assert keys(seed=0, epoch=1) != first
-    assert keys(seed=1, epoch=0) != first
-
-
-def test_dataloader_workers_share_the_epoch_and_are_deterministic(imagenet_fixture, imagenet_shards):
-    def run() -> list[str]:
-        pipeline = ShardPipeline(imagenet_shards, 2, batches_per_epoch=5)
-        return _keys(DataLoader(pipeline, batch_size=None, num_workers=2))
-
-    keys = run()
-    assert len(keys) == 10 and run() == keys
-    # In order, the workers split the shards: every sample exactly once.
-    ordered = DataLoader(ShardDataset(imagenet_shards, num_workers=2), batch_size=None, num_workers=2)
-    assert sorted(sample["key"] for sample in ordered) == imagenet_fixture.train_keys
-
-
-def test_ordered_reading_refuses_more_workers_than_it_was_checked_for(imagenet_shards, monkeypatch):
-    dataset = ShardDataset(imagenet_shards, num_workers=0)
-    # What a DataLoader worker sees; spawning real workers to fail costs seconds.
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
-    with pytest.raises(ValueError, match="num_workers=0 runs in a DataLoader with 2 workers"):
-        iter(dataset)
-
-
-def test_too_few_shards_is_a_clear_error(imagenet_fixture, tmp_path):
-    write_shards("imagenet", imagenet_fixture.root, "train", tmp_path / "shards", shard_size=3)
-    with pytest.raises(ValueError, match=r"2 shards, fewer than the 4 ranks x DataLoader workers = 2 x 2"):
-        ShardDataset(tmp_path / "shards", world_size=2, num_workers=2)
-    with pytest.raises(ValueError, match=r"2 shards, fewer than the 3 ranks"):
-        ShardPipeline(tmp_path / "shards", 2, world_size=3)
-    ShardPipeline(tmp_path / "shards", 2, world_size=2)  # resampling workers never run dry
+def test_a_process_keeps_few_shards_open_and_reads_any_sample_in_any_order(
+    imagenet_fixture, imagenet_shards, monkeypatch
+):
+    monkeypatch.setattr(indexed, "MAX_OPEN_SHARDS", 2)
+    shards = IndexedShards(imagenet_shards, "imagenet")
+    order = [5, 0, 3, 1, 4, 2, 0, 5]  # six shards of one sample each, revisited
+    assert [shards[i]["key"] for i in order] == [imagenet_fixture.train_keys[i] for i in order]
+    assert list(shards._descriptors) == [0, 5]  # the two most recently read, the others closed
 
 
 # ---------------------------------------------------------------- corrupt samples and bad input
@@ -215,32 +146,28 @@ def test_corrupt_jpeg_in_shard_is_skipped_logged_once_and_counted(
     dataset_writers.truncated_jpeg(imagenet_fixture.root / "train" / wnid / f"{wnid}_0.JPEG")  # sorted first
     write_shards("imagenet", imagenet_fixture.root, "train", tmp_path / "shards", shard_size=7)
 
-    dataset = ShardDataset(tmp_path / "shards")
-    with caplog.at_level(logging.WARNING, logger="moevit.data.shards"):
-        samples = list(dataset)
-    assert [s["key"] for s in samples] == imagenet_fixture.train_keys
-    assert [s["num_skipped"] for s in samples] == [1, 0, 0, 0, 0, 0] and dataset.num_skipped == 1
+    dataset = SkipCorrupt(IndexedShards(tmp_path / "shards", "imagenet"))  # as build_dataset wraps it
+    with caplog.at_level(logging.WARNING, logger="moevit.data.skip"):
+        samples = [dataset[index] for _ in range(2) for index in range(len(dataset))]  # two passes
+    keys = imagenet_fixture.train_keys  # the corrupt image sorts first, before these six
+    assert [s["key"] for s in samples[:7]] == [keys[0], *keys]  # replaced by its next neighbour
+    assert [s["num_skipped"] for s in samples[:7]] == [1, 0, 0, 0, 0, 0, 0] and dataset.num_skipped == 2
     assert collate_classification(samples[:2])["num_skipped"] == 1
-
-    caplog.clear()
-    pipeline = ShardPipeline(tmp_path / "shards", 3, batches_per_epoch=6, shuffle_buffer=1)
-    with caplog.at_level(logging.WARNING, logger="moevit.data.shards"):
-        batches = list(pipeline)
-    assert all(len(batch["keys"]) == 3 for batch in batches)  # refilled: every batch is full
-    assert sum(batch["num_skipped"] for batch in batches) == pipeline.num_skipped == 3  # 18 samples: 3 passes
     assert len([r for r in caplog.records if f"{wnid}_0" in r.getMessage()]) == 1
 
 
 def test_bad_shard_directories_are_refused(imagenet_fixture, imagenet_shards, tmp_path):
     with pytest.raises(DatasetLayoutError, match="_info.json not found"):
-        ShardDataset(tmp_path)
-    with pytest.raises(ValueError, match="imagenet shards \\(classification\\), not detection"):
-        ShardDataset(imagenet_shards, task_type="detection")
+        IndexedShards(tmp_path, "imagenet")
+    with pytest.raises(
+        DatasetLayoutError, match="describes imagenet shards, but the config's data.format is coco"
+    ):
+        IndexedShards(imagenet_shards, "coco")
     with pytest.raises(FileExistsError, match="not an empty directory"):
         write_shards("imagenet", imagenet_fixture.root, "train", imagenet_shards)
     (imagenet_shards / "train-000003.tar").unlink()
     with pytest.raises(DatasetLayoutError, match="train-000003.tar"):
-        ShardDataset(imagenet_shards)
+        IndexedShards(imagenet_shards, "imagenet")
 
 
 def test_key_encoding_round_trips_without_dots_or_slashes():
