@@ -587,9 +587,8 @@ def parity_worker(steps: int, backend: str, precision: str) -> dict:
     import dataclasses as dc
 
     sys.path.insert(0, str(REPO / "tests" / "distributed"))
-    from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, step_loss
+    from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, train_engine
 
-    from moevit.parallel.collectives import all_reduce_sum
     from moevit.parallel.engine import build_engine
     from moevit.parallel.expert_parallel import gather_single_device_state_dict
     from moevit.parallel.setup import ensure_expert_groups, initialize_distributed, shutdown_distributed
@@ -606,12 +605,7 @@ def parity_worker(steps: int, backend: str, precision: str) -> dict:
     runs = {}
     for ep_size in (1, 2):
         engine = build_engine(make_model(), config(ep_size), env)
-        losses = []
-        for step in range(steps):
-            loss = step_loss(engine, step, env.rank, env.world_size)
-            engine.backward(loss)
-            engine.step()
-            losses.append((all_reduce_sum(loss) / env.world_size).item())
+        losses = train_engine(engine, steps, env.rank, env.world_size)
         final = {k: v.cpu() for k, v in gather_single_device_state_dict(engine.module).items()}
         runs[ep_size] = {"losses": losses, "final": final}
     shutdown_distributed()

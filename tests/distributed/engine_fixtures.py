@@ -87,6 +87,19 @@ def step_loss(model, step: int, rank: int, world_size: int) -> torch.Tensor:
     return total
 
 
+def train_engine(engine, steps: int, rank: int, world_size: int) -> list[float]:
+    """`steps` optimizer steps of `step_loss` through `engine`; each step's loss averaged over ranks."""
+    from moevit.parallel.collectives import all_reduce_sum
+
+    losses = []
+    for step in range(steps):
+        loss = step_loss(engine, step, rank, world_size)
+        engine.backward(loss)
+        engine.step()
+        losses.append((all_reduce_sum(loss) / world_size).item())
+    return losses
+
+
 # The three task types, for the tests that drive the real training step (moevit.train.step.MultiTaskStep)
 # through the engine: one classification, one detection (RetinaNet) and one segmentation (UperNet) task.
 THREE_TASK_TYPES = {"cls": "classification", "det": "detection", "seg": "segmentation"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, step_loss
+from engine_fixtures import GROUP_TIMEOUT, make_config, make_model, step_loss, train_engine
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +28,6 @@ TOLERANCE = 1e-5
 def parity_worker(stages: tuple[int, ...], ep_sizes: tuple[int, ...], steps: int) -> dict:
     import torch.distributed as dist
 
-    from moevit.parallel.collectives import all_reduce_sum
     from moevit.parallel.engine import build_engine
     from moevit.parallel.expert_parallel import gather_single_device_state_dict
     from moevit.parallel.setup import ensure_expert_groups, initialize_distributed
@@ -40,12 +39,7 @@ def parity_worker(stages: tuple[int, ...], ep_sizes: tuple[int, ...], steps: int
     for stage in stages:
         for ep_size in ep_sizes:
             engine = build_engine(make_model(), make_config(ep_size, stage, steps), env)
-            losses = []
-            for step in range(steps):
-                loss = step_loss(engine, step, env.rank, env.world_size)
-                engine.backward(loss)
-                engine.step()
-                losses.append((all_reduce_sum(loss) / env.world_size).item())
+            losses = train_engine(engine, steps, env.rank, env.world_size)
             results[(stage, ep_size)] = {
                 "losses": losses,
                 "final": gather_single_device_state_dict(engine.module),
