@@ -97,19 +97,35 @@ def build_tiny_config(
 
 
 def pytest_generate_tests(metafunc):
-    """Tests marked `bit_exact` run once per thread count: one (the suite's) and torch's default."""
+    """Tests marked `bit_exact` run once per thread count, one (the suite's) and torch's default, and
+    once per expert path (model.moe.expert_impl's loop and grouped GEMM): the promise holds on each.
+    The values are plain parameters (`torch_threads`, `expert_path`); `_bit_exact_variant` applies them."""
     if metafunc.definition.get_closest_marker("bit_exact") is None:
         return
     counts = sorted({1, DEFAULT_THREADS})
-    metafunc.fixturenames.append("torch_threads")
-    metafunc.parametrize("torch_threads", counts, indirect=True, ids=[f"threads{n}" for n in counts])
+    for name, values, ids in (
+        ("torch_threads", counts, [f"threads{n}" for n in counts]),
+        ("expert_path", ["loop", "grouped"], None),
+    ):
+        if name not in metafunc.fixturenames:
+            metafunc.fixturenames.append(name)
+        metafunc.parametrize(name, values, ids=ids)
 
 
-@pytest.fixture
-def torch_threads(request):
-    """The test body runs with `request.param` intra-op threads; the suite's one thread afterwards."""
-    torch.set_num_threads(request.param)
-    yield request.param
+@pytest.fixture(autouse=True)
+def _bit_exact_variant(request, monkeypatch):
+    """Runs a `bit_exact` test body with its `torch_threads` intra-op threads and its `expert_path` as
+    what "auto" (every model's default) picks on the CPU; the suite's one thread afterwards."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if "expert_path" in params:
+        from moevit.layers import experts
+
+        monkeypatch.setitem(experts.AUTO_IMPL, "cpu", params["expert_path"])
+    if "torch_threads" not in params:
+        yield
+        return
+    torch.set_num_threads(params["torch_threads"])
+    yield
     torch.set_num_threads(1)
 
 
