@@ -175,8 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DatasetLayoutError, UnsafeCheckpointError) as err:
-        print(f"moevit: error: {err}", file=sys.stderr)
-        return 2
+        return _error_exit(err, 2)
     except NonFiniteLossError as err:  # every rank stops together with this message
-        print(f"moevit: error: {err}", file=sys.stderr)
-        return 3
+        return _error_exit(err, 3)
+
+
+def _error_exit(err: Exception, code: int) -> int:
+    """Prints `moevit: error: ...` and returns `code`, leaving any process group first.
+
+    The line goes out in one write: the ranks of a launch share stderr, and `print`'s separate write of
+    the newline let two ranks' messages run into one line. A process group is destroyed here, without
+    waiting for the other ranks (a rank may stop alone): left to the interpreter's exit, gloo's teardown
+    can abort the process ("terminate called without an active exception", exit 134 instead of `code`).
+    """
+    sys.stderr.write(f"moevit: error: {err}\n")
+    sys.stderr.flush()
+    distributed = sys.modules.get("torch.distributed")  # imported only if this process ever used it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+    return code

@@ -165,6 +165,7 @@ def run_training(
     except BaseException:  # an error in the loop: no requeue, no handler and no worker left behind
         preemption.restore()
         state.loader.close()
+        logger.close()  # ends the progress bar's line, so the error message starts on its own
         raise
     peak_memory = peak_memory_over_ranks(device)
     if is_main_process():
