@@ -22,13 +22,25 @@ RoutingByTask = Mapping[str, Mapping[str, Routing]]
 
 def local_counts(routing_by_task: RoutingByTask, device: torch.device) -> torch.Tensor:
     """This rank's routed slots per expert of every (task, layer), concatenated in `routing_by_task`'s
-    order, as float64 (exact for any count a step can reach) on `device`: what the ranks sum."""
+    order, int64 on `device`: what the ranks sum (as float64, beside the step's other scalars) and what
+    the usage counters add up (`counts_by_layer`)."""
     counts = [
         r.counts_E.detach().reshape(-1) for routing in routing_by_task.values() for r in routing.values()
     ]
     if not counts:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.cat(counts).to(device, torch.float64)
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat(counts).to(device)
+
+
+def counts_by_layer(routing_by_task: RoutingByTask, flat: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """`local_counts`' flat tensor as layer -> task -> (E,) counts, layers in forward order (every task
+    of a step passes the same layers)."""
+    pieces = iter(
+        flat.split([r.counts_E.numel() for routing in routing_by_task.values() for r in routing.values()])
+    )
+    by_task = {task: {layer: next(pieces) for layer in routing} for task, routing in routing_by_task.items()}
+    layers = next(iter(routing_by_task.values()), {})
+    return {layer: {task: by_task[task][layer] for task in routing_by_task} for layer in layers}
 
 
 def load_ratios(routing_by_task: RoutingByTask, summed_counts: list[float]) -> dict[str, dict[str, float]]:

@@ -133,7 +133,7 @@ class MultiTaskStep:
         for index, micro_plan in enumerate(rounds):
             last = index == len(rounds) - 1
             # A fault strikes the last round: the earlier rounds' gradients are then in the engine.
-            result, matrices, routing_by_task, total = self.forward_round(
+            result, matrices, total = self.forward_round(
                 micro_plan, weights, others[index], len(rounds), step if last else None
             )
             results.append(result)
@@ -148,10 +148,9 @@ class MultiTaskStep:
                 step_matrices = (
                     matrices if step_matrices is None else [a + b for a, b in zip(step_matrices, matrices)]
                 )
-            for layer in routing_by_task[micro_plan.tasks[0]]:
-                for task in micro_plan.tasks:
-                    counts_E = routing_by_task[task][layer].counts_E.detach().cpu()
-                    by_task = counts.setdefault(layer, {})
+            for layer, round_counts in result.expert_counts.items():
+                by_task = counts.setdefault(layer, {})
+                for task, counts_E in round_counts.items():
                     by_task[task] = by_task[task] + counts_E if task in by_task else counts_E
         result = combine_rounds(results)
         if result.skipped:
@@ -173,7 +172,7 @@ class MultiTaskStep:
         other_rounds: list[torch.Tensor] | None,
         num_rounds: int,
         step: int | None,
-    ) -> tuple[StepResult, list[torch.Tensor] | None, dict[str, dict[str, Routing]], torch.Tensor]:
+    ) -> tuple[StepResult, list[torch.Tensor] | None, torch.Tensor]:
         """One micro-batch round's forwards and objective (before DeepSpeed divides it by `num_rounds`),
         its logged scalars reduced over ranks, its all-rank task-expert matrices (detached)."""
         task_total = torch.zeros((), device=self.device)
@@ -201,15 +200,18 @@ class MultiTaskStep:
         counts = expert_load.local_counts(routing_by_task, self.device)
         drops = dropped_slots.local_drops(routing_by_task, self.device)
         result, summed = self.reduce_over_ranks(
-            parts, task_total, mutual_information, images, total, torch.cat([counts, drops])
+            parts, task_total, mutual_information, images, total, torch.cat([counts.double(), drops])
         )
+        # The reduce has synchronised with the device: the local counts come to the host in one copy here,
+        # not one per layer and task after the backward (which made the host wait for the backward).
+        result.expert_counts = expert_load.counts_by_layer(routing_by_task, counts.cpu())
         summed_counts, summed_drops = summed[: counts.numel()], summed[counts.numel() :]
         # Logged with the task's losses: dropped slots (capacity bound only) and each layer's load.
         for task, values in dropped_slots.dropped_metrics(routing_by_task, summed_drops).items():
             result.task_losses[task].update(values)
         for task, values in expert_load.load_ratios(routing_by_task, summed_counts).items():
             result.task_losses[task].update(values)
-        return result, matrices, routing_by_task, total
+        return result, matrices, total
 
     @torch.no_grad()
     def other_rounds_statistics(self, rounds: list[StepPlan]) -> list[list[torch.Tensor] | None]:
