@@ -68,6 +68,7 @@ from moevit.config import load_config  # noqa: E402
 from moevit.data.collate import copies_asynchronously, move_batch  # noqa: E402
 from moevit.data.multitask import StepPlan, TaskBatch  # noqa: E402
 from moevit.factory import build_model  # noqa: E402
+from moevit.layers.experts import grouped_mm_refusal  # noqa: E402
 from moevit.layers.moe_mlp import MoEMlp  # noqa: E402
 from moevit.parallel.precision import enable_tf32  # noqa: E402
 from moevit.train.mfu import (  # noqa: E402
@@ -213,15 +214,13 @@ def installed(package: str) -> bool:
     )
 
 
-def expert_impl_support(impl: str) -> str | None:
-    """None when moevit's MoE layer accepts `expert_impl=impl`, else "unavailable: <why>"."""
-    try:
-        MoEMlp(8, 8, 2, 1, ["probe"], expert_impl=impl)
-    except TypeError as err:
-        return f"unavailable: MoEMlp takes no expert_impl on this branch ({err})"
-    except (ValueError, RuntimeError, NotImplementedError) as err:
-        return f"unavailable: {err}"
-    return None
+def grouped_gemm_support(settings: Settings) -> str:
+    """Whether moevit's grouped expert path takes ViT-S/16's expert matmuls on this device in the check's
+    dtype: "runs", or why it falls back to the loop (`moevit.layers.experts.grouped_mm_refusal`)."""
+    device = torch.device(settings.device)
+    x_SD = torch.zeros(16, 384, device=device, dtype=settings.dtype)
+    weight_EHD = torch.zeros(2, 768, 384, device=device, dtype=settings.dtype)
+    return grouped_mm_refusal(x_SD, settings.dtype, weight_EHD) or "runs"
 
 
 # -------------------------------------------------------------------------------------- the parts
@@ -239,10 +238,10 @@ def environment(settings: Settings) -> dict:
         "cuda_runtime": torch.version.cuda,
         "optional_packages": {name: installed(name) for name in OPTIONAL_PACKAGES},
         "optional_packages_imported_by_this_script": imported,
-        "expert_impl_support": {impl: expert_impl_support(impl) or "available" for impl in EXPERT_IMPLS},
     }
     if settings.device == "cuda" and not cuda:
         return {"status": "failed: no CUDA device (use --cpu-smoke on a machine without one)", **info}
+    info["grouped_gemm"] = grouped_gemm_support(settings)
     if imported:
         return {"status": f"failed: importing moevit's modules imported {imported}", **info}
     return info
@@ -260,20 +259,16 @@ def check_config(settings: Settings, extra: tuple[str, ...] = ()):
     return load_config(str(CONFIG), [*base_overrides(settings), *settings.model_overrides, *extra])
 
 
-def model_configs(settings: Settings) -> tuple[dict[str, object], dict[str, str]]:
-    """({contender: config}, {expert path: why it is unavailable}). The MoE contenders are one per
-    expert path the layer accepts (`model.moe.expert_impl`), or one "moe" on its only path."""
+def model_configs(settings: Settings) -> dict[str, object]:
+    """{contender: config}: the MoE model once per expert path (`model.moe.expert_impl`), and dense."""
     overrides = [*base_overrides(settings), *settings.model_overrides]
-    probe = check_config(settings)
-    moe_overrides = overrides + equal_flops_overrides(probe)
-    unavailable = {impl: why for impl in EXPERT_IMPLS if (why := expert_impl_support(impl))}
+    moe_overrides = overrides + equal_flops_overrides(check_config(settings))
     configs = {
         f"moe-{impl}": load_config(str(CONFIG), [*moe_overrides, f"model.moe.expert_impl={impl}"])
         for impl in EXPERT_IMPLS
-        if impl not in unavailable
-    } or {"moe": load_config(str(CONFIG), moe_overrides)}
+    }
     configs["dense"] = load_config(str(CONFIG), [*overrides, "model.moe.layers=none"])
-    return configs, unavailable
+    return configs
 
 
 def pinned(batch):
@@ -329,7 +324,7 @@ def measure_contender(
         images, forward_gflops_per_image(model, {t: cfg.tasks[t].image_size for t in images})
     )
     backbone_gflops = active_gflops(model, cfg)
-    impls = sorted({str(getattr(m, "expert_impl", "n/a")) for m in model.modules() if isinstance(m, MoEMlp)})
+    impls = sorted({m.experts.expert_impl for m in model.modules() if isinstance(m, MoEMlp)})
     if expert_parallel:
         from moevit.parallel.expert_parallel import apply_expert_parallel
 
@@ -368,7 +363,7 @@ def measure_contender(
 def train_step_bf16(settings: Settings) -> dict:
     device = torch.device(settings.device)
     tf32 = enable_tf32(device.type == "cuda")  # as moevit.parallel.setup does for training
-    configs, unavailable = model_configs(settings)
+    configs = model_configs(settings)
     plan = step_plan(settings)
     precision = precision_name(settings.dtype, tf32_matmuls_enabled())
     if device.type == "cuda":
@@ -413,14 +408,13 @@ def train_step_bf16(settings: Settings) -> dict:
         "peak": peak_note,
         "warmup_steps": settings.warmup,
         "timed_steps": settings.steps,
-        "expert_paths_unavailable": unavailable,
         "contenders": contenders,
     }
 
 
 def fp16_loss_scaling(settings: Settings) -> dict:
     device = torch.device(settings.device)
-    configs, _ = model_configs(settings)
+    configs = model_configs(settings)
     name, cfg = next(iter(configs.items()))  # the first MoE contender
     plan = step_plan(settings)
     scaler = torch.amp.GradScaler(device.type)
