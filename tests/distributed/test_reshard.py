@@ -98,6 +98,30 @@ def leg_worker(
     return out
 
 
+def run_leg(
+    run_workers,
+    run_dir: Path,
+    ep_size: int,
+    resume: Path | None,
+    steps: list[int],
+    save_at: int | None,
+    **extra,
+) -> list[dict]:
+    """`leg_worker` on `ep_size` processes (one per expert shard), each rank's result."""
+    resume = None if resume is None else str(resume)
+    return run_workers(
+        leg_worker,
+        ep_size,
+        200,
+        run_dir=str(run_dir),
+        ep_size=ep_size,
+        resume=resume,
+        steps=steps,
+        save_at=save_at,
+        **extra,
+    )
+
+
 def reshard(checkpoint: Path, ep_size: int, out: Path) -> None:
     """The converter behind `moevit ckpt reshard` (its CLI runs in tests/fault/test_reshard_cli.py)."""
     from moevit.artifacts.checkpoints import resolve_checkpoint
@@ -129,16 +153,7 @@ def test_ep2_to_ep1_and_back_matches_training_without_resharding(run_workers, tm
     legs = list(range(SAVE_AT, SAVE_AT + LEG)), list(range(SAVE_AT + LEG, SAVE_AT + 2 * LEG))
     all_steps = list(range(SAVE_AT + 2 * LEG))
     # The run that never reshards: EP=2 on 2 ranks throughout, saving after step SAVE_AT.
-    straight = run_workers(
-        leg_worker,
-        2,
-        200,
-        run_dir=str(tmp_path / "ep2"),
-        ep_size=2,
-        resume=None,
-        steps=all_steps,
-        save_at=SAVE_AT,
-    )
+    straight = run_leg(run_workers, tmp_path / "ep2", 2, None, all_steps, SAVE_AT)
     reshard(tmp_path / "ep2", 1, tmp_path / "ep1")
     marker = json.loads(
         (tmp_path / "ep1" / "checkpoints" / f"step_{SAVE_AT:08d}" / "complete.json").read_text()
@@ -146,16 +161,7 @@ def test_ep2_to_ep1_and_back_matches_training_without_resharding(run_workers, tm
     assert (marker["world_size"], marker["ep_size"]) == (1, 1)
 
     # EP=1 on 1 rank, continuing from the resharded checkpoint; saves at the end of its leg.
-    (single,) = run_workers(
-        leg_worker,
-        1,
-        200,
-        run_dir=str(tmp_path / "ep1"),
-        ep_size=1,
-        resume=str(tmp_path / "ep1"),
-        steps=legs[0],
-        save_at=SAVE_AT + LEG,
-    )
+    (single,) = run_leg(run_workers, tmp_path / "ep1", 1, tmp_path / "ep1", legs[0], SAVE_AT + LEG)
     assert single["client_step"] == SAVE_AT and single["global_steps"] == SAVE_AT
     assert_close(single["loaded"], straight[0]["after"][SAVE_AT], "weights loaded at EP=1", tolerance=0.0)
     # Every expert's Adam moments followed it from rank 0 or 1 of the EP=2 run onto the single rank.
@@ -164,16 +170,7 @@ def test_ep2_to_ep1_and_back_matches_training_without_resharding(run_workers, tm
         assert_close(single["after"][step], straight[0]["after"][step], f"EP=1 leg, after step {step}")
 
     reshard(tmp_path / "ep1", 2, tmp_path / "ep2_again")
-    back = run_workers(
-        leg_worker,
-        2,
-        200,
-        run_dir=str(tmp_path / "ep2_again"),
-        ep_size=2,
-        resume=str(tmp_path / "ep2_again"),
-        steps=legs[1],
-        save_at=None,
-    )
+    back = run_leg(run_workers, tmp_path / "ep2_again", 2, tmp_path / "ep2_again", legs[1], None)
     for rank, out in enumerate(back):
         assert out["client_step"] == SAVE_AT + LEG
         assert_close(out["loaded"], single["after"][SAVE_AT + LEG], f"rank {rank}: loaded back at EP=2", 0.0)
@@ -190,28 +187,12 @@ def test_layer_decay_checkpoint_reshards_ep2_to_ep1(run_workers, tmp_path):
     """With layer decay every MoE layer's experts have optimizer groups of their own (one lr scale per
     block): resharding must still hand each expert its Adam state, and the resumed run its groups."""
     decay = 0.5
-    straight = run_workers(
-        leg_worker,
-        2,
-        200,
-        run_dir=str(tmp_path / "ep2"),
-        ep_size=2,
-        resume=None,
-        steps=list(range(SAVE_AT + 1)),
-        save_at=SAVE_AT,
-        layer_decay=decay,
+    straight = run_leg(
+        run_workers, tmp_path / "ep2", 2, None, list(range(SAVE_AT + 1)), SAVE_AT, layer_decay=decay
     )
     reshard(tmp_path / "ep2", 1, tmp_path / "ep1")
-    (single,) = run_workers(
-        leg_worker,
-        1,
-        200,
-        run_dir=str(tmp_path / "ep1"),
-        ep_size=1,
-        resume=str(tmp_path / "ep1"),
-        steps=[SAVE_AT],
-        save_at=None,
-        layer_decay=decay,
+    (single,) = run_leg(
+        run_workers, tmp_path / "ep1", 1, tmp_path / "ep1", [SAVE_AT], None, layer_decay=decay
     )
     assert_close(single["loaded"], straight[0]["after"][SAVE_AT], "weights loaded at EP=1", tolerance=0.0)
     assert_close(single["loaded_optimizer"], merged(straight, "saved_optimizer"), "Adam state at EP=1", 0.0)
