@@ -3,7 +3,9 @@ expert load at initialisation, in eval mode, on random inputs and on the synthet
 
 For each start (a fresh `--model`; the same shape upcycled from a randomly initialised dense timm ViT, no
 download) and each gate initialisation (zeros, the old default; `--gate-init-std`, None: the model's
-default), one eval-mode forward of `--batch` images per input kind:
+default; the default gates with selection biases calibrated as a training run does before step 1,
+moevit.train.router_calibration, on `--calib` other images of the same kind), one eval-mode forward of
+`--batch` images per input kind:
 
 - random: standard normal pixels;
 - synthetic: the embedded classification images (moevit.data.synth, rendered in memory at their native
@@ -13,12 +15,13 @@ default), one eval-mode forward of `--batch` images per input kind:
 Prints one line per (start, gate init, inputs) with the ratio of every MoE layer (1.0: even; E/K: every
 token on the same K experts) and the worst one. Not a test: tests/unit/test_initial_routing.py asserts.
 
-    PYTHONPATH=. python benchmarks/initial_routing.py --model moevit_small --batch 8 [--json OUT]
+    PYTHONPATH=. python benchmarks/initial_routing.py --model moevit_small --batch 64 --calib 128 [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from moevit.data.transforms import build_transforms
 from moevit.models.moe_vit import MoEViT
 from moevit.models.registry import create_model
 from moevit.models.upcycle import upcycle_timm_vit
+from moevit.train.router_calibration import calibrate_task
 
 TASK = "probe"
 # The dense timm ViT each variant upcycles from (same width, depth and heads).
@@ -89,10 +93,21 @@ def build_start(start: str, model_name: str, seed: int, **router_args) -> MoEViT
     return upcycle_timm_vit(dense, layer.num_experts, layer.top_k, [TASK], **router_args)
 
 
+def report(model: str, start: str, gates: str, inputs: str, ratios: dict[str, float]) -> dict:
+    layers = " ".join(f"{value:.2f}" for value in ratios.values())
+    print(
+        f"{model} {start:8s} {gates:12s} {inputs:9s} busiest/mean per layer: {layers}"
+        f"  (max {max(ratios.values()):.2f})",
+        flush=True,
+    )
+    return {"start": start, "gates": gates, "inputs": inputs, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="moevit_small")
-    parser.add_argument("--batch", type=int, default=8, help="images per forward")
+    parser.add_argument("--batch", type=int, default=64, help="images per forward")
+    parser.add_argument("--calib", type=int, default=128, help="calibration images (0: no calibrated rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate-init-std", type=float, default=None, help="None: the model's default")
     parser.add_argument("--starts", default="fresh,upcycled")
@@ -109,20 +124,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for init_name, router_args in inits.items():
             model = build_start(start, args.model, args.seed, **router_args)
             size = model.patch_embed.img_size[0]
-            batches = {
-                "random": random_images(args.batch, size, args.seed),
-                "synthetic": synthetic_images(args.batch, size, args.seed),
-            }
-            for inputs, images in batches.items():
-                ratios = load_ratios(model, images)
-                row = {"start": start, "gates": init_name, "inputs": inputs, "ratios": ratios}
-                rows.append(row)
-                layers = " ".join(f"{value:.2f}" for value in ratios.values())
-                print(
-                    f"{args.model} {start:8s} {init_name:12s} {inputs:9s} busiest/mean per layer: {layers}"
-                    f"  (max {max(ratios.values()):.2f})",
-                    flush=True,
-                )
+            for inputs, make in (("random", random_images), ("synthetic", synthetic_images)):
+                images = make(args.batch, size, args.seed)
+                rows.append(report(args.model, start, init_name, inputs, load_ratios(model, images)))
+                if init_name == "default init" and args.calib:
+                    # Calibrated on other images of the kind (another seed), measured on the same batch.
+                    calibrated = copy.deepcopy(model)
+                    calibration = make(args.calib, size, args.seed + 1)
+                    batches = list(calibration.split(max(args.batch, 1)))
+                    calibrate_task(calibrated, TASK, batches, torch.device("cpu"))
+                    ratios = load_ratios(calibrated, images)
+                    rows.append(report(args.model, start, "calibrated", inputs, ratios))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return rows

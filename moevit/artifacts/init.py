@@ -206,6 +206,11 @@ def fit_state(
                     where, f"tensor {key} has shape {list(value.shape)}, the model expects {list(expected)}"
                 )
         fitted[key] = value.to(target[key].dtype)
+    for key in target:  # files from before 2026-12-07 have no selection biases: zeros, plain top-k
+        name = parse_key(key, prefix)
+        if name.kind == "gate" and name.part == "selection_bias" and key not in state:
+            if key.removesuffix("selection_bias") + "weight" in fitted:
+                fitted[key] = torch.zeros_like(target[key])
     report.loaded = list(fitted)
     report.missing = [key for key in target if key not in fitted]
     if strict:

@@ -330,6 +330,10 @@ class TrainConfig:
     # One device's dense peak TFLOPS at the run's precision, for the logged MFU (moevit.train.mfu); None:
     # the table of common GPUs by device name, and no MFU on a device it does not list (or on CPU).
     peak_tflops: float | None = None
+    # Routing balanced from step 1 (issue 16): images of each task's train split on which a fresh run fits
+    # its gates' per-expert selection biases before the first step (moevit.train.router_calibration).
+    # 0: off (the biases stay zero: plain top-k). A resumed run loads the biases instead.
+    router_calibration_images: int = 64
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -339,7 +343,13 @@ class TrainConfig:
         for name in ("steps", "log_every", "keep_last", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "num_workers", "max_bad_steps"):
+        for name in (
+            "eval_every",
+            "checkpoint_every",
+            "num_workers",
+            "max_bad_steps",
+            "router_calibration_images",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_batches is not None and self.eval_batches < 1:

@@ -242,6 +242,11 @@ class MultiTaskLoader:
         """Drop the DataLoader iterators, which stops their worker processes."""
         self._batch_iterators.clear()
 
+    def dataset(self, task: str) -> Dataset:
+        """`task`'s dataset (reader, training transforms, corrupt-sample skipping), for reads outside the
+        training stream (moevit.train.router_calibration): reading it moves no sampler and counts nothing."""
+        return self._datasets[task]
+
     def dataset_sizes(self) -> dict[str, int]:
         """Samples in each task's dataset (what one epoch of it is)."""
         return {t: len(self._datasets[t]) for t in self.schedule.tasks}

@@ -91,6 +91,32 @@ def busiest_over_mean(counts_E: torch.Tensor, num_routable: int | None = None) -
     return counts.max().item() * counts.shape[0] / total if total else 0.0
 
 
+def fit_selection_bias(logits_TE: torch.Tensor, top_k: int, iterations: int = 300) -> torch.Tensor:
+    """Per-expert offsets (E,) that, added to `logits_TE` for the top-k choice, give every expert about
+    the same number of the T tokens' K slots.
+
+    Tokens of a layer share a common component (and, in one image, near-identical background tokens
+    share nearly everything), so the experts whose gate rows align with it win most tokens; a fixed
+    offset per expert cancels what the tokens have in common. Fitted the way DeepSeek-V3 balances its
+    experts during training (an over-loaded expert's offset goes down, an under-loaded one's up), here
+    run to convergence on fixed logits: the step starts at a tenth of the logits' std and shrinks
+    geometrically to about 1/200 of it, so the offsets settle within a fraction of a logit gap.
+    Deterministic (no randomness; ties as `topk` breaks them). Zero-mean: top-k ignores a common shift.
+    """
+    logits_TE = logits_TE.detach().float()
+    num_experts = logits_TE.shape[1]
+    even_share = logits_TE.shape[0] * top_k / num_experts
+    bias_E = logits_TE.new_zeros(num_experts)
+    step = 0.1 * logits_TE.std().item()
+    decay = 0.05 ** (1 / max(iterations - 1, 1))
+    for _ in range(iterations):
+        chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
+        load_E = torch.bincount(chosen.flatten(), minlength=num_experts).float()
+        bias_E -= step * (load_E / even_share - 1).clamp(-1, 1)
+        step *= decay
+    return bias_E - bias_E.mean()
+
+
 class _ExpertLogits(torch.autograd.Function):
     """Forward: one matrix-vector product per expert, so column e of the logits depends only on row e
     of the weight, bit for bit (a matmul over all E rows picks its kernel by E). Backward: the two
@@ -134,6 +160,11 @@ class TaskGate(nn.Module):
     def __init__(self, dim: int, num_experts: int, init_std: float = DEFAULT_GATE_INIT_STD):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, dim))
+        # Per-expert offsets added to the logits for the top-k choice only (DeepSeek-V3's balancing bias;
+        # moevit.train.router_balance sets them): the weights of the chosen experts are the softmax of
+        # their unbiased logits, so the bias steers which experts are used, never how much each counts.
+        # Zeros: the plain top-k. A buffer, not a parameter: no gradient reaches it.
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
         self.reset_parameters(init_std)
 
     @torch.no_grad()
@@ -148,8 +179,12 @@ class TaskGate(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints and model directories written before 2026-12-06 also hold an int64 `usage` counter
         # per gate; expert usage is now counted once, by the training loop (moevit.train.usage_plots).
-        # Dropped here, so those files still load strictly.
+        # Dropped here, so those files still load strictly. Files written before 2026-12-07 have no
+        # selection bias: they load with zeros, which is the routing they were trained with.
         state_dict.pop(prefix + "usage", None)
+        weight = state_dict.get(prefix + "weight")
+        if prefix + "selection_bias" not in state_dict and weight is not None:
+            state_dict[prefix + "selection_bias"] = weight.new_zeros(weight.shape[0], dtype=torch.float32)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -225,7 +260,8 @@ class TaskRouter(nn.Module):
                 expert_idx_TK = self._balanced_assignment(x_TD.shape[0], x_TD.device, routable, top_k)
                 selected_logits_TK = logits_TE.gather(1, expert_idx_TK)
             else:
-                selected_logits_TK, expert_idx_TK = logits_TE.topk(top_k, dim=-1)
+                expert_idx_TK = (logits_TE + gate.selection_bias.float()).topk(top_k, dim=-1).indices
+                selected_logits_TK = logits_TE.gather(1, expert_idx_TK)
             weights_TK = selected_logits_TK.softmax(dim=-1)
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
         counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=self.num_experts)

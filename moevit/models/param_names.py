@@ -23,7 +23,7 @@ Kind = Literal["expert", "gate", "gate_usage", "task_embedding", "dense_mlp", "h
 _MLP_LAYER = re.compile(r"blocks\.(\d+)\.mlp")
 _BACKBONE_PATTERNS: tuple[tuple[Kind, re.Pattern], ...] = (
     ("expert", re.compile(r"(?P<layer>blocks\.\d+\.mlp)\.experts\.(?P<part>fc[12]_(?:weight|bias))")),
-    ("gate", re.compile(r"(?P<layer>.+)\.router\.gates\.(?P<task>[^.]+)\.weight")),
+    ("gate", re.compile(r"(?P<layer>.+)\.router\.gates\.(?P<task>[^.]+)\.(?P<part>weight|selection_bias)")),
     ("gate_usage", re.compile(r"(?P<layer>.+)\.router\.gates\.(?P<task>[^.]+)\.usage")),
     ("task_embedding", re.compile(r"task_embed\.(?P<task>[^.]+)")),
     ("dense_mlp", re.compile(r"(?P<layer>blocks\.\d+\.mlp)\.(?P<part>fc[12]\.(?:weight|bias))")),
@@ -35,13 +35,15 @@ _HEAD = re.compile(r"heads\.(?P<task>[^.]+)\..+")
 class ParamName:
     """What one state-dict key names.
 
-    kind: expert (stacked (E, ...) tensor of an MoE MLP), gate (a task's router weight), gate_usage (the
+    kind: expert (stacked (E, ...) tensor of an MoE MLP), gate (a task's router weight or its per-expert
+        selection bias, both one row per expert the task reaches), gate_usage (the
         int64 usage counter gates held in files written before 2026-12-06, which loading drops),
         task_embedding, dense_mlp (a plain MLP's linear), head, or other.
     layer: the module that holds it, unprefixed (`blocks.3.mlp`, `blocks.1.attn`), for experts, gates
         and dense MLPs.
     task: the task it belongs to, for gates, usage counters, task embeddings and heads.
-    part: `fc1_weight`, ... for experts; `fc1.weight`, ... for dense MLPs.
+    part: `fc1_weight`, ... for experts; `fc1.weight`, ... for dense MLPs; `weight` or `selection_bias`
+        for gates.
     """
 
     kind: Kind
@@ -86,7 +88,7 @@ def with_task(key: str, new_task: str, prefix: str = BACKBONE) -> str:
         raise ValueError(f"{key!r} belongs to no task's router or embedding")
     if name.kind == "task_embedding":
         return f"{prefix}task_embed.{new_task}"
-    suffix = ".weight" if name.kind == "gate" else ".usage"
+    suffix = f".{name.part}" if name.kind == "gate" else ".usage"
     return f"{prefix}{name.layer}.router.gates.{new_task}{suffix}"
 
 

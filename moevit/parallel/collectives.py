@@ -50,6 +50,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_from_main(tensor: torch.Tensor) -> None:
+    """Overwrites `tensor` on every rank, in place, with rank 0's."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

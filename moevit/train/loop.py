@@ -29,6 +29,7 @@ from moevit.parallel.checkpoint import load_checkpoint
 from moevit.parallel.collectives import all_reduce_sum, barrier, is_main_process
 from moevit.parallel.engine import build_engine
 from moevit.parallel.env import detect_environment
+from moevit.parallel.layout import resolve_precision
 from moevit.parallel.setup import device_for, initialize_distributed
 from moevit.train.hooks import CheckpointHook, EvaluationHook
 from moevit.train.logging import RunLogger
@@ -36,6 +37,7 @@ from moevit.train.mfu import forward_gflops_per_image, run_peak_tflops
 from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model, start_from_init
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
+from moevit.train.router_calibration import calibrate_routing, describe
 from moevit.train.schedule_change import read_train_section, schedule_change_note
 from moevit.train.state import TrainState, build_train_state
 from moevit.train.throughput import Throughput
@@ -124,8 +126,19 @@ def run_training(
         prepare_run_dir(cfg)
     barrier()
     start_step = 0
+    calibration = []
     if checkpoint is not None:
         start_step = state.restore(load_checkpoint(engine, checkpoint.run_root, checkpoint.tag))
+    else:  # a resumed run's biases come with its checkpoint
+        calibration = calibrate_routing(
+            engine.module,
+            state.loader,
+            list(cfg.training_view().tasks),
+            cfg.train.router_calibration_images,
+            cfg.seed,
+            device,
+            resolve_precision(cfg, cuda=device.type == "cuda"),
+        )
 
     last = cfg.train.steps
     peak, peak_line = run_peak_tflops(cfg, device)
@@ -143,6 +156,9 @@ def run_training(
         note = schedule_change_note(previous_train, cfg, start_step)
         if note is not None:
             logger.message(note)
+    if is_main_process():
+        for line in describe(calibration):
+            logger.message(line)
     if init_report is not None and is_main_process():
         write_init_report(run.root, init_report)
         logger.message(init_report.summary() + f" (details: {run.root / 'init_report.json'})")

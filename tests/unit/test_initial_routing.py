@@ -70,12 +70,14 @@ def test_gate_init_draws_only_the_gates():
     torch.manual_seed(3)
     create_model("moevit_debug", tasks=["a", "b"], gate_init_std=0.0)
     assert torch.equal(torch.randn(4), after_default)  # a head built next draws what it always drew
-    gates = {name for name in default.state_dict() if ".router.gates." in name}
+    gates = {name for name in default.state_dict() if ".router.gates." in name and name.endswith(".weight")}
     assert gates
     for name, value in default.state_dict().items():
         if name in gates:
             assert not zero.state_dict()[name].any()
             assert value.std().item() == pytest.approx(DEFAULT_GATE_INIT_STD, rel=0.25)
+        elif name.endswith(".selection_bias"):  # zero until calibrated (moevit.train.router_calibration)
+            assert not value.any() and not zero.state_dict()[name].any()
         else:
             assert torch.equal(value, zero.state_dict()[name]), name
     gate_a, gate_b = (default.blocks[1].mlp.router.gates[t].weight for t in ("a", "b"))
@@ -138,13 +140,27 @@ def test_model_refuses_bad_router_settings():
 
 def test_benchmark_main_prints_and_writes_every_case(bench, tmp_path, capsys):
     out = tmp_path / "initial_routing.json"
-    rows = bench.main(["--model", "moevit_debug", "--starts", "fresh", "--batch", "2", "--json", str(out)])
+    argv = [
+        "--model",
+        "moevit_debug",
+        "--starts",
+        "fresh",
+        "--batch",
+        "2",
+        "--calib",
+        "4",
+        "--json",
+        str(out),
+    ]
+    rows = bench.main(argv)
     assert [(r["gates"], r["inputs"]) for r in rows] == [
         ("zero gates", "random"),
         ("zero gates", "synthetic"),
         ("default init", "random"),
+        ("calibrated", "random"),
         ("default init", "synthetic"),
+        ("calibrated", "synthetic"),
     ]
     assert all(value == 2.0 for row in rows[:2] for value in row["ratios"].values())  # E4 / k2: collapsed
     assert json.loads(out.read_text()) == rows
-    assert capsys.readouterr().out.count("busiest/mean per layer") == 4
+    assert capsys.readouterr().out.count("busiest/mean per layer") == 6

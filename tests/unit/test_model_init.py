@@ -92,6 +92,9 @@ def assert_upcycled_from(model, vit) -> None:
             assert torch.allclose(state[key], value, atol=1e-6), key
 
 
+GATE_PARTS = ("weight", "selection_bias")
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
 def test_a_timm_vit_file_upcycles_into_the_moe(tmp_path, suffix):
     vit = tiny_vit()
@@ -109,9 +112,10 @@ def test_a_timm_vit_file_upcycles_into_the_moe(tmp_path, suffix):
     parts = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
     expected = [f"backbone.blocks.{i}.mlp.experts.{part}" for i in MOE_BLOCKS for part in parts]
     assert sorted(report.upcycled) == sorted(expected)
-    # New in the MoE: the gates, the head. Left over: the classifier (not in an .npz read without one).
+    # New in the MoE: the gates (weights and selection biases), the head. Left over: the classifier (not in
+    # an .npz read without one).
     assert sorted(report.missing) == sorted(
-        [f"backbone.blocks.{i}.mlp.router.gates.cls.weight" for i in MOE_BLOCKS]
+        [f"backbone.blocks.{i}.mlp.router.gates.cls.{part}" for i in MOE_BLOCKS for part in GATE_PARTS]
         + [key for key in model.state_dict() if key.startswith("heads.")]
     )
     assert sorted(report.unexpected) == (

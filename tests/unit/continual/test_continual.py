@@ -65,8 +65,10 @@ def source(request):
     cfg = make_cfg(window=request.param)
     torch.manual_seed(0)
     model = build_model(cfg)
-    with torch.no_grad():  # trained-looking gates and embeddings: routing that depends on the weights
-        for name, param in model.named_parameters():
+    with (
+        torch.no_grad()
+    ):  # trained-looking gates, selection biases and embeddings: routing that depends on them
+        for name, param in model.state_dict(keep_vars=True).items():
             if ".gates." in name or "task_embed" in name:
                 param.normal_()
     return cfg, model.eval(), {k: v.clone() for k, v in model.state_dict().items()}

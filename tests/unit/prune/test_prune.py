@@ -47,14 +47,16 @@ def make_cfg(window: dict | None = None, **moe) -> Config:
 
 
 def trained_like(cfg: Config, seed: int = 0):
-    """Random gates and a strong task embedding, as after training: routing is uneven and task-specific,
-    and some experts are never selected by a task (the embedding pulls its tokens one way)."""
+    """Random gates, selection biases (as a calibrated run has) and a strong task embedding, as after
+    training: routing is uneven and task-specific, and some experts are never selected by a task (the
+    embedding pulls its tokens one way)."""
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     with torch.no_grad():
         for _, router in model.backbone.routers():
             for gate in router.gates.values():
                 gate.weight.normal_(std=0.5)
+                gate.selection_bias.normal_(std=0.5)
         for embedding in model.backbone.task_embed.values():
             embedding.normal_(std=3.0)
     return model

@@ -1,0 +1,193 @@
+"""Routing balanced from step 1: each task's per-expert selection biases fitted before the first step.
+
+Random gates break the tie of zero gates, but the tokens of a layer share a component (across images,
+and within an image its near-identical background tokens), and the experts whose gate rows align with
+it take most of the load: 2.3 to 4.2 x the mean on `moevit_small` at initialisation (docs/model.md,
+"Initial routing"). Each gate's `selection_bias` (moevit.layers.router), an offset per expert added to
+the logits for the top-k choice only, cancels that shared part: fitted here on images of the task's
+own train split, it evens the load from the first step, and the gates' weights, the experts and the
+routing weights of the chosen experts stay as they were.
+
+How: for every task whose gates train in this run (a continual run's frozen tasks keep theirs bit for
+bit), `images` samples of its train split, drawn by a generator of their own and each augmented under
+its own seed (the training stream, its samplers and the global RNGs are untouched), are forwarded in
+batches of the task's batch size, in eval mode (no jitter, no dropout) and under the run's autocast.
+MoE layer by layer, in forward order: the forward stops at that layer's router, its inputs' logits
+are collected, and the bias that evens the load on them is fitted (moevit.layers.router.
+fit_selection_bias); the layers after it cannot change those inputs, so one fit per layer suffices.
+Every rank draws the same images and runs the same forwards (the expert-parallel all-to-alls of the
+earlier layers pair up); rank 0's biases are then broadcast so every rank holds the same bits.
+
+Runs only on a fresh start: a resumed run loads the biases with the model's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from moevit.data.multitask import MultiTaskLoader
+from moevit.data.seeding import derive_seed, seeded_rngs
+from moevit.eval.evaluate import compute_autocast
+from moevit.layers.router import TaskRouter, busiest_over_mean, fit_selection_bias
+from moevit.parallel.collectives import broadcast_from_main
+
+
+class _StopForward(Exception):
+    """Raised by the collecting hook: nothing after the layer being fitted needs computing."""
+
+
+@dataclass
+class LayerFit:
+    """One (layer, task) fit: busiest/mean of the calibration tokens' load before and after it."""
+
+    layer: str
+    task: str
+    images: int
+    before: float
+    after: float
+
+
+def calibration_images(loader: MultiTaskLoader, task: str, count: int, seed: int) -> list[torch.Tensor]:
+    """`count` (at most the split's size) training images of `task`, batched by its batch size: the same
+    images, with the same augmentations, on every rank and in every run of this seed."""
+    dataset = loader.dataset(task)
+    draw = np.random.default_rng(derive_seed(seed, task, "router calibration"))
+    indices = draw.choice(len(dataset), size=min(count, len(dataset)), replace=False)
+    images = []
+    for index in indices.tolist():
+        with seeded_rngs(derive_seed(seed, task, "router calibration", index)):
+            images.append(dataset[index]["image"].as_subclass(torch.Tensor))
+    batch = loader.batch_sizes[task]
+    return [torch.stack(images[start : start + batch]) for start in range(0, len(images), batch)]
+
+
+def trained_routers(backbone: nn.Module, task: str) -> list[tuple[str, TaskRouter]]:
+    """(layer, router) of every routed layer of `backbone` (a MoEViT) whose gate for `task` trains in this
+    run, in forward order."""
+    return [
+        (layer, router)
+        for layer, router in backbone.routers()
+        if task in router.gates and router.gates[task].weight.requires_grad
+    ]
+
+
+def _collect_logits(
+    backbone: nn.Module,
+    router: TaskRouter,
+    task: str,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    dtype,
+) -> torch.Tensor:
+    """The gate logits (T, n) of `task` at `router` for every token of `batches`."""
+    gate = router.gates[task]
+    collected = []
+
+    def collect(module, args):
+        x_TD = args[0]
+        collected.append(x_TD.float() @ gate.weight.float().t())
+        raise _StopForward
+
+    handle = router.register_forward_pre_hook(collect)
+    try:
+        for images in batches:
+            with contextlib.suppress(_StopForward), compute_autocast(device, dtype):
+                backbone.forward_backbone(images.to(device, non_blocking=True), task)
+    finally:
+        handle.remove()
+    return torch.cat(collected).cpu()
+
+
+@torch.no_grad()
+def calibrate_task(
+    backbone: nn.Module,
+    task: str,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> list[LayerFit]:
+    """Fits the selection bias of every trained gate of `task` in `backbone` (a MoEViT, on `device`) on
+    image `batches`, layer after layer (module doc), in eval mode; returns the fits. Local: the caller
+    makes ranks agree."""
+    fits = []
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        count = sum(batch.shape[0] for batch in batches)
+        for name, router in trained_routers(backbone, task):
+            gate = router.gates[task]
+            logits_TE = _collect_logits(backbone, router, task, batches, device, dtype)
+            top_k = min(router.top_k, logits_TE.shape[1])
+            bias_E = fit_selection_bias(logits_TE, top_k)
+            before = _load_ratio(logits_TE, gate.selection_bias.float().cpu(), top_k)
+            fits.append(LayerFit(name, task, count, before, _load_ratio(logits_TE, bias_E, top_k)))
+            gate.selection_bias.copy_(bias_E.to(gate.selection_bias))
+    finally:
+        backbone.train(was_training)
+    return fits
+
+
+def calibrate_routing(
+    model: nn.Module,
+    loader: MultiTaskLoader,
+    tasks: list[str],
+    images: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> list[LayerFit]:
+    """Fits the selection bias of every trained gate of `tasks` on every rank (see the module doc);
+    returns the fits.
+
+    Args:
+        model: the (possibly expert-parallel) MultiTaskModel, on `device`.
+        loader: the run's training loader (its datasets; its stream is not advanced).
+        tasks: the tasks to calibrate, in config order (every rank the same).
+        images: images per task (0: nothing is done).
+        seed: the run's seed.
+        dtype: the run's compute dtype (autocast), None or fp32 for none.
+    """
+    if images <= 0:
+        return []
+    fits: list[LayerFit] = []
+    for task in tasks:
+        if trained_routers(model.backbone, task):
+            batches = calibration_images(loader, task, images, seed)
+            fits += calibrate_task(model.backbone, task, batches, device, dtype)
+    _agree_over_ranks(model.backbone, tasks)
+    return fits
+
+
+def _load_ratio(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> float:
+    chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
+    return busiest_over_mean(torch.bincount(chosen.flatten(), minlength=logits_TE.shape[1]))
+
+
+def _agree_over_ranks(backbone: nn.Module, tasks: list[str]) -> None:
+    """Rank 0's biases on every rank, in one broadcast (fp32: every backend takes it)."""
+    biases = [
+        router.gates[task].selection_bias for task in tasks for _, router in trained_routers(backbone, task)
+    ]
+    if not biases:
+        return
+    flat = torch.cat([bias.float().flatten() for bias in biases])
+    broadcast_from_main(flat)
+    for bias, part in zip(biases, flat.split([bias.numel() for bias in biases])):
+        bias.copy_(part.view_as(bias))
+
+
+def describe(fits: list[LayerFit]) -> list[str]:
+    """One log line per task: its worst layer's busiest/mean before and after the fit."""
+    lines = []
+    for task in dict.fromkeys(fit.task for fit in fits):
+        own = [fit for fit in fits if fit.task == task]
+        lines.append(
+            f"routing calibrated for {task} on {own[0].images} images: busiest/mean expert load "
+            f"{max(f.before for f in own):.2f} -> {max(f.after for f in own):.2f} (worst of {len(own)} layers)"
+        )
+    return lines
