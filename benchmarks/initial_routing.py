@@ -4,8 +4,8 @@ expert load at initialisation, in eval mode, on random inputs and on the synthet
 For each start (a fresh `--model`; the same shape upcycled from a randomly initialised dense timm ViT, no
 download) and each gate initialisation (zeros, the old default; `--gate-init-std`, None: the model's
 default; the default gates with selection biases calibrated as a training run does before step 1,
-moevit.train.router_calibration, on `--calib` other images of the same kind), one eval-mode forward of
-`--batch` images per input kind:
+moevit.train.router_calibration, on `--calib` other images of the same kind), one eval-mode forward per
+input kind of each of `--batch` sizes (the first N of the same images):
 
 - random: standard normal pixels;
 - synthetic: the embedded classification images (moevit.data.synth, rendered in memory at their native
@@ -15,7 +15,7 @@ moevit.train.router_calibration, on `--calib` other images of the same kind), on
 Prints one line per (start, gate init, inputs) with the ratio of every MoE layer (1.0: even; E/K: every
 token on the same K experts) and the worst one. Not a test: tests/unit/test_initial_routing.py asserts.
 
-    PYTHONPATH=. python benchmarks/initial_routing.py --model moevit_small --batch 64 --calib 128 [--json OUT]
+    PYTHONPATH=. python benchmarks/initial_routing.py --model moevit_small --batch 8,64,128 --calib 512 [--json OUT]
 """
 
 from __future__ import annotations
@@ -93,21 +93,21 @@ def build_start(start: str, model_name: str, seed: int, **router_args) -> MoEViT
     return upcycle_timm_vit(dense, layer.num_experts, layer.top_k, [TASK], **router_args)
 
 
-def report(model: str, start: str, gates: str, inputs: str, ratios: dict[str, float]) -> dict:
+def report(model: str, start: str, gates: str, inputs: str, batch: int, ratios: dict[str, float]) -> dict:
     layers = " ".join(f"{value:.2f}" for value in ratios.values())
     print(
-        f"{model} {start:8s} {gates:12s} {inputs:9s} busiest/mean per layer: {layers}"
+        f"{model} {start:8s} {gates:12s} {inputs:9s} {batch:4d} images, busiest/mean per layer: {layers}"
         f"  (max {max(ratios.values()):.2f})",
         flush=True,
     )
-    return {"start": start, "gates": gates, "inputs": inputs, "ratios": ratios}
+    return {"start": start, "gates": gates, "inputs": inputs, "batch": batch, "ratios": ratios}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="moevit_small")
-    parser.add_argument("--batch", type=int, default=64, help="images per forward")
-    parser.add_argument("--calib", type=int, default=128, help="calibration images (0: no calibrated rows)")
+    parser.add_argument("--batch", default="128", help="images per forward; a comma list measures each")
+    parser.add_argument("--calib", type=int, default=512, help="calibration images (0: no calibrated rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate-init-std", type=float, default=None, help="None: the model's default")
     parser.add_argument("--starts", default="fresh,upcycled")
@@ -119,22 +119,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     inits = {"zero gates": {"gate_init_std": 0.0}, "default init": {}}
     if args.gate_init_std is not None:
         inits["default init"] = {"gate_init_std": args.gate_init_std}
+    batches = [int(size) for size in args.batch.split(",")]
     rows = []
     for start in args.starts.split(","):
         for init_name, router_args in inits.items():
             model = build_start(start, args.model, args.seed, **router_args)
             size = model.patch_embed.img_size[0]
             for inputs, make in (("random", random_images), ("synthetic", synthetic_images)):
-                images = make(args.batch, size, args.seed)
-                rows.append(report(args.model, start, init_name, inputs, load_ratios(model, images)))
+                images = make(max(batches), size, args.seed)
+                for batch in batches:
+                    ratios = load_ratios(model, images[:batch])
+                    rows.append(report(args.model, start, init_name, inputs, batch, ratios))
                 if init_name == "default init" and args.calib:
-                    # Calibrated on other images of the kind (another seed), measured on the same batch.
+                    # Calibrated on other images of the kind (another seed), measured on the same batches.
                     calibrated = copy.deepcopy(model)
                     calibration = make(args.calib, size, args.seed + 1)
-                    batches = list(calibration.split(max(args.batch, 1)))
-                    calibrate_task(calibrated, TASK, batches, torch.device("cpu"))
-                    ratios = load_ratios(calibrated, images)
-                    rows.append(report(args.model, start, "calibrated", inputs, ratios))
+                    calibrate_task(
+                        calibrated, TASK, list(calibration.split(max(batches))), torch.device("cpu")
+                    )
+                    for batch in batches:
+                        ratios = load_ratios(calibrated, images[:batch])
+                        rows.append(report(args.model, start, "calibrated", inputs, batch, ratios))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return rows

@@ -333,7 +333,7 @@ class TrainConfig:
     # Routing balanced from step 1 (issue 16): images of each task's train split on which a fresh run fits
     # its gates' per-expert selection biases before the first step (moevit.train.router_calibration).
     # 0: off (the biases stay zero: plain top-k). A resumed run loads the biases instead.
-    router_calibration_images: int = 64
+    router_calibration_images: int = 512
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: TaskSamplingConfig = field(default_factory=TaskSamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -37,7 +37,7 @@ from moevit.train.mfu import forward_gflops_per_image, run_peak_tflops
 from moevit.train.preemption import Preemption
 from moevit.train.preflight import build_checked_model, start_from_init
 from moevit.train.resources import RESOURCES_FILE, peak_memory_over_ranks
-from moevit.train.router_calibration import calibrate_routing, describe
+from moevit.train.router_calibration import calibrate_routing
 from moevit.train.schedule_change import read_train_section, schedule_change_note
 from moevit.train.state import TrainState, build_train_state
 from moevit.train.throughput import Throughput
@@ -157,8 +157,8 @@ def run_training(
         if note is not None:
             logger.message(note)
     if is_main_process():
-        for line in describe(calibration):
-            logger.message(line)
+        for task_calibration in calibration:
+            logger.message(task_calibration.describe())
     if init_report is not None and is_main_process():
         write_init_report(run.root, init_report)
         logger.message(init_report.summary() + f" (details: {run.root / 'init_report.json'})")

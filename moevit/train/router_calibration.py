@@ -24,7 +24,8 @@ Runs only on a fresh start: a resumed run loads the biases with the model's stat
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,14 +43,22 @@ class _StopForward(Exception):
 
 
 @dataclass
-class LayerFit:
-    """One (layer, task) fit: busiest/mean of the calibration tokens' load before and after it."""
+class TaskCalibration:
+    """One task's calibration: per routed layer, the busiest/mean expert load of the calibration tokens
+    with the biases the gate had (zeros on a fresh start) and with the fitted ones."""
 
-    layer: str
     task: str
     images: int
-    before: float
-    after: float
+    seconds: float
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"routing calibrated for {self.task} on {self.images} images in {self.seconds:.1f} s: busiest/mean "
+            f"expert load {max(self.before.values()):.2f} -> {max(self.after.values()):.2f} "
+            f"(worst of {len(self.after)} layers)"
+        )
 
 
 def calibration_images(loader: MultiTaskLoader, task: str, count: int, seed: int) -> list[torch.Tensor]:
@@ -110,26 +119,26 @@ def calibrate_task(
     batches: list[torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None = None,
-) -> list[LayerFit]:
+) -> TaskCalibration:
     """Fits the selection bias of every trained gate of `task` in `backbone` (a MoEViT, on `device`) on
-    image `batches`, layer after layer (module doc), in eval mode; returns the fits. Local: the caller
-    makes ranks agree."""
-    fits = []
+    image `batches`, layer after layer (module doc), in eval mode. Local: the caller makes ranks agree."""
+    started = time.perf_counter()
+    result = TaskCalibration(task, sum(batch.shape[0] for batch in batches), 0.0)
     was_training = backbone.training
     backbone.eval()
     try:
-        count = sum(batch.shape[0] for batch in batches)
-        for name, router in trained_routers(backbone, task):
+        for layer, router in trained_routers(backbone, task):
             gate = router.gates[task]
             logits_TE = _collect_logits(backbone, router, task, batches, device, dtype)
             top_k = min(router.top_k, logits_TE.shape[1])
             bias_E = fit_selection_bias(logits_TE, top_k)
-            before = _load_ratio(logits_TE, gate.selection_bias.float().cpu(), top_k)
-            fits.append(LayerFit(name, task, count, before, _load_ratio(logits_TE, bias_E, top_k)))
+            result.before[layer] = _load_ratio(logits_TE, gate.selection_bias.float().cpu(), top_k)
+            result.after[layer] = _load_ratio(logits_TE, bias_E, top_k)
             gate.selection_bias.copy_(bias_E.to(gate.selection_bias))
     finally:
         backbone.train(was_training)
-    return fits
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def calibrate_routing(
@@ -140,9 +149,9 @@ def calibrate_routing(
     seed: int,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> list[LayerFit]:
-    """Fits the selection bias of every trained gate of `tasks` on every rank (see the module doc);
-    returns the fits.
+) -> list[TaskCalibration]:
+    """Fits the selection bias of every trained gate of `tasks` on every rank (see the module doc); one
+    result per task that has such gates.
 
     Args:
         model: the (possibly expert-parallel) MultiTaskModel, on `device`.
@@ -154,13 +163,13 @@ def calibrate_routing(
     """
     if images <= 0:
         return []
-    fits: list[LayerFit] = []
-    for task in tasks:
-        if trained_routers(model.backbone, task):
-            batches = calibration_images(loader, task, images, seed)
-            fits += calibrate_task(model.backbone, task, batches, device, dtype)
+    results = [
+        calibrate_task(model.backbone, task, calibration_images(loader, task, images, seed), device, dtype)
+        for task in tasks
+        if trained_routers(model.backbone, task)
+    ]
     _agree_over_ranks(model.backbone, tasks)
-    return fits
+    return results
 
 
 def _load_ratio(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> float:
@@ -179,15 +188,3 @@ def _agree_over_ranks(backbone: nn.Module, tasks: list[str]) -> None:
     broadcast_from_main(flat)
     for bias, part in zip(biases, flat.split([bias.numel() for bias in biases])):
         bias.copy_(part.view_as(bias))
-
-
-def describe(fits: list[LayerFit]) -> list[str]:
-    """One log line per task: its worst layer's busiest/mean before and after the fit."""
-    lines = []
-    for task in dict.fromkeys(fit.task for fit in fits):
-        own = [fit for fit in fits if fit.task == task]
-        lines.append(
-            f"routing calibrated for {task} on {own[0].images} images: busiest/mean expert load "
-            f"{max(f.before for f in own):.2f} -> {max(f.after for f in own):.2f} (worst of {len(own)} layers)"
-        )
-    return lines

@@ -153,6 +153,7 @@ def test_benchmark_main_prints_and_writes_every_case(bench, tmp_path, capsys):
         str(out),
     ]
     rows = bench.main(argv)
+    assert all(r["batch"] == 2 for r in rows)
     assert [(r["gates"], r["inputs"]) for r in rows] == [
         ("zero gates", "random"),
         ("zero gates", "synthetic"),

@@ -18,7 +18,7 @@ from moevit.layers.router import TaskRouter, busiest_over_mean, expert_logits, f
 from moevit.models import create_model
 from moevit.models.param_names import parse_key, with_task
 from moevit.train.loader import build_train_loader
-from moevit.train.router_calibration import calibrate_routing, calibrate_task, calibration_images, describe
+from moevit.train.router_calibration import calibrate_routing, calibrate_task, calibration_images
 
 
 def load_of(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> float:
@@ -85,16 +85,16 @@ def test_calibration_fits_the_trained_gates_only_and_restores_the_mode():
         router.gates["b"].weight.requires_grad_(False)  # a continual run's frozen old task
     model.train()
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    fits = calibrate_task(model, "a", [images[:4], images[4:]], torch.device("cpu"))
+    result = calibrate_task(model, "a", [images[:4], images[4:]], torch.device("cpu"))
     assert model.training  # calibration ran in eval mode and gave the mode back
-    assert calibrate_task(model, "b", [images], torch.device("cpu")) == []
+    assert calibrate_task(model, "b", [images], torch.device("cpu")).after == {}
     routers = dict(model.routers())
-    assert [fit.layer for fit in fits] == list(routers)  # every routed layer, in forward order
-    for fit in fits:
-        assert fit.images == 8 and fit.after <= fit.before
-        assert routers[fit.layer].gates["a"].selection_bias.any()
-        assert not routers[fit.layer].gates["b"].selection_bias.any()
-    assert describe(fits)[0].startswith("routing calibrated for a on 8 images")
+    assert list(result.after) == list(routers)  # every routed layer, in forward order
+    for layer, router in routers.items():
+        assert result.after[layer] <= result.before[layer]
+        assert router.gates["a"].selection_bias.any()
+        assert not router.gates["b"].selection_bias.any()
+    assert result.describe().startswith("routing calibrated for a on 8 images in ")
 
 
 @pytest.fixture()
@@ -113,10 +113,10 @@ def test_calibration_reads_outside_the_training_stream(run_config):
     assert sum(batch.shape[0] for batch in first) == 6
     assert all(a.equal(b) for a, b in zip(first, calibration_images(loader, "imagenet", 6, run_config.seed)))
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    fits = calibrate_routing(
+    results = calibrate_routing(
         model, loader, ["imagenet", "ade20k"], 6, run_config.seed, torch.device("cpu"), None
     )
-    assert {fit.task for fit in fits} == {"imagenet", "ade20k"}
+    assert [result.task for result in results] == ["imagenet", "ade20k"]
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
     assert loader.state_dict() == plain_loader.state_dict()
