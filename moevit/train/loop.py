@@ -26,7 +26,7 @@ from moevit.data.seeding import derive_seed
 from moevit.fileio import write_text_atomically
 from moevit.models.moe_vit import set_activation_checkpointing
 from moevit.parallel.checkpoint import load_checkpoint
-from moevit.parallel.collectives import all_reduce_sum, barrier, is_main_process
+from moevit.parallel.collectives import barrier, is_main_process
 from moevit.parallel.engine import build_engine
 from moevit.parallel.env import detect_environment
 from moevit.parallel.layout import resolve_precision
@@ -52,18 +52,20 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(rank_seed)
 
 
-def counts_over_ranks(
-    skipped: dict[str, int], plan: StepPlan, device: torch.device
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Sums over ranks, in one all-reduce, of each rank's corrupt samples so far (its loader counts its
-    own) and of this step's images per task (`plan`; a rank's batch may be short): ({task: skipped},
-    {task: images}), every task of the loader in both."""
+def loader_counts(skipped: dict[str, int], plan: StepPlan, device: torch.device) -> torch.Tensor:
+    """This rank's corrupt samples so far (its loader counts its own) and this step's images per task
+    (`plan`; a rank's batch may be short), flat float64 on `device`: what the step sums over ranks with
+    its own figures (see `summed_loader_counts`)."""
     images = dict.fromkeys(skipped, 0)
     for task, batch in plan:
         images[task] += batch["images"].shape[0]
-    local = torch.tensor([*skipped.values(), *images.values()], dtype=torch.float64, device=device)
-    summed = [round(total) for total in all_reduce_sum(local).tolist()]
-    return dict(zip(skipped, summed[: len(skipped)])), dict(zip(images, summed[len(skipped) :]))
+    return torch.tensor([*skipped.values(), *images.values()], dtype=torch.float64, device=device)
+
+
+def summed_loader_counts(tasks: list[str], summed: list[float]) -> tuple[dict[str, int], dict[str, int]]:
+    """({task: corrupt samples}, {task: images}) over all ranks, from the sums of `loader_counts`."""
+    totals = [round(total) for total in summed]
+    return dict(zip(tasks, totals[: len(tasks)])), dict(zip(tasks, totals[len(tasks) :]))
 
 
 def coverage_lines(train_cfg: Config, loader: MultiTaskLoader, world_size: int) -> list[str]:
@@ -77,11 +79,13 @@ def train_one_step(state: TrainState, engine, logger: RunLogger, step: int, devi
     started = time.perf_counter()
     plan = next(state.loader)
     data_wait = time.perf_counter() - started  # the main process idle until the workers hand a batch
-    result = state.train_step(plan, state.balancer.weights(), step)
+    skipped = state.loader.skipped_counts()
+    # The loader's counts ride on the step's one all-reduce (no collective and host sync of their own).
+    result = state.train_step(plan, state.balancer.weights(), step, loader_counts(skipped, plan, device))
     if not result.skipped:  # a NaN/inf step updated nothing; its losses would poison the balancer
         state.balancer.update({task: values["loss"] for task, values in result.task_losses.items()})
         state.usage.add(result.expert_counts)
-    skipped, task_images = counts_over_ranks(state.loader.skipped_counts(), plan, device)
+    skipped, task_images = summed_loader_counts(list(skipped), result.also_summed)
     seconds = time.perf_counter() - started
     logger.log_step(step, result, engine.get_lr()[0], seconds, skipped, data_wait, task_images)
 

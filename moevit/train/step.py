@@ -73,6 +73,9 @@ class StepResult:
     expert_counts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> task -> (E,)
     skipped: bool = False  # some rank's objective was NaN or inf: no rank updated the weights
     skipped_steps: int = 0  # steps skipped so far in this run (resumed runs included)
+    # The all-rank sums of the caller's `also_sum` (MultiTaskStep.__call__), reduced with the step's own
+    # figures; empty when the caller passed none.
+    also_summed: list[float] = field(default_factory=list)
 
 
 def globally_summed(local: torch.Tensor) -> torch.Tensor:
@@ -122,9 +125,17 @@ class MultiTaskStep:
         self.skipped_steps = state["skipped_steps"]
         self.consecutive_skipped = state["consecutive_skipped"]
 
-    def __call__(self, plan: StepPlan, weights: Mapping[str, float], step: int | None = None) -> StepResult:
+    def __call__(
+        self,
+        plan: StepPlan,
+        weights: Mapping[str, float],
+        step: int | None = None,
+        also_sum: torch.Tensor | None = None,
+    ) -> StepResult:
         """Runs the step (its `plan.accumulation` micro-batch rounds); `step` (1-based) only serves fault
-        injection (moevit.faults)."""
+        injection (moevit.faults). `also_sum`: figures of the caller's (flat float64, on the device) that
+        ride on the first round's all-reduce instead of a collective and host sync of their own; their
+        all-rank sums come back as `result.also_summed`."""
         rounds = plan.rounds()
         others = self.other_rounds_statistics(rounds) if len(rounds) > 1 else [None]
         results: list[StepResult] = []
@@ -134,7 +145,12 @@ class MultiTaskStep:
             last = index == len(rounds) - 1
             # A fault strikes the last round: the earlier rounds' gradients are then in the engine.
             result, matrices, total = self.forward_round(
-                micro_plan, weights, others[index], len(rounds), step if last else None
+                micro_plan,
+                weights,
+                others[index],
+                len(rounds),
+                step if last else None,
+                also_sum if index == 0 else None,
             )
             results.append(result)
             if result.skipped:
@@ -152,7 +168,9 @@ class MultiTaskStep:
                 by_task = counts.setdefault(layer, {})
                 for task, counts_E in round_counts.items():
                     by_task[task] = by_task[task] + counts_E if task in by_task else counts_E
+        also_summed = results[0].also_summed
         result = combine_rounds(results)
+        result.also_summed = also_summed
         if result.skipped:
             self.record_skipped(step)
         else:
@@ -172,9 +190,11 @@ class MultiTaskStep:
         other_rounds: list[torch.Tensor] | None,
         num_rounds: int,
         step: int | None,
+        also_sum: torch.Tensor | None = None,
     ) -> tuple[StepResult, list[torch.Tensor] | None, torch.Tensor]:
         """One micro-batch round's forwards and objective (before DeepSpeed divides it by `num_rounds`),
-        its logged scalars reduced over ranks, its all-rank task-expert matrices (detached)."""
+        its logged scalars reduced over ranks (with `also_sum`, see __call__), its all-rank task-expert
+        matrices (detached)."""
         task_total = torch.zeros((), device=self.device)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         routing_by_task: dict[str, dict[str, Routing]] = {}
@@ -199,8 +219,13 @@ class MultiTaskStep:
             total = total + injected
         counts = expert_load.local_counts(routing_by_task, self.device)
         drops = dropped_slots.local_drops(routing_by_task, self.device)
+        extra = also_sum if also_sum is not None else counts.new_zeros(0, dtype=torch.float64)
         result, summed = self.reduce_over_ranks(
-            parts, task_total, mutual_information, images, total, torch.cat([counts.double(), drops])
+            parts, task_total, mutual_information, images, total, torch.cat([counts.double(), drops, extra])
+        )
+        summed, result.also_summed = (
+            summed[: len(summed) - extra.numel()],
+            summed[len(summed) - extra.numel() :],
         )
         # The reduce has synchronised with the device: the local counts come to the host in one copy here,
         # not one per layer and task after the backward (which made the host wait for the backward).

@@ -191,3 +191,17 @@ def test_move_batch_moves_nested_tensors_and_keeps_the_rest():
     moved = move_batch(batch, torch.device("meta"))
     assert moved["images"].is_meta and moved["targets"][0]["boxes"].is_meta
     assert moved["keys"] == ["a"] and moved["num_skipped"] == 0
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_callers_figures_ride_on_the_steps_reduce_once(accumulation):
+    """The loop's loader counts are summed with the step's own figures (first round only), not added per
+    round and not lost to a second collective."""
+    plan = make_plan()
+    if accumulation > 1:
+        plan = StepPlan(0, plan.batches + make_plan(seed=2).batches, accumulation)
+    result = make_step(LocalEngine(make_model()))(
+        plan, {"shapes": 1.0, "textures": 1.0}, also_sum=torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
+    )
+    assert result.also_summed == [3.0, 0.0, 4.0]
+    assert make_step(LocalEngine(make_model()))(plan, {"shapes": 1.0, "textures": 1.0}).also_summed == []
