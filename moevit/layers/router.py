@@ -100,7 +100,8 @@ def fit_selection_bias(logits_TE: torch.Tensor, top_k: int, iterations: int = 30
     offset per expert cancels what the tokens have in common. Fitted the way DeepSeek-V3 balances its
     experts during training (an over-loaded expert's offset goes down, an under-loaded one's up), here
     run to convergence on fixed logits: the step starts at a tenth of the logits' std and shrinks
-    geometrically to about 1/200 of it, so the offsets settle within a fraction of a logit gap.
+    geometrically to 1/200 of it over `iterations`, so the offsets settle within a fraction of a logit
+    gap. Each iteration is one top-k over the tokens: pass a subsample when there are millions.
     Deterministic (no randomness; ties as `topk` breaks them). Zero-mean: top-k ignores a common shift.
     """
     logits_TE = logits_TE.detach().float()
