@@ -162,7 +162,7 @@ class TaskGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, dim))
         # Per-expert offsets added to the logits for the top-k choice only (DeepSeek-V3's balancing bias;
-        # moevit.train.router_balance sets them): the weights of the chosen experts are the softmax of
+        # moevit.train.router_calibration fits them): the weights of the chosen experts are the softmax of
         # their unbiased logits, so the bias steers which experts are used, never how much each counts.
         # Zeros: the plain top-k. A buffer, not a parameter: no gradient reaches it.
         self.register_buffer("selection_bias", torch.zeros(num_experts))

@@ -37,7 +37,6 @@ from moevit.eval.evaluate import compute_autocast
 from moevit.layers.router import TaskRouter, busiest_over_mean, fit_selection_bias
 from moevit.parallel.collectives import broadcast_from_main
 
-
 # Tokens per layer the bias is fitted on (at most): the demo's 512 images of 65 to 145 tokens are all used.
 FIT_TOKENS = 1 << 17
 
@@ -95,15 +94,16 @@ def _collect_logits(
     task: str,
     batches: list[torch.Tensor],
     device: torch.device,
-    dtype,
+    dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """The gate logits (T, n) of `task` at `router` for every token of `batches`."""
+    """The gate logits (T, n) of `task` at `router` for every token of `batches`, on `device`."""
     gate = router.gates[task]
     collected = []
 
     def collect(module, args):
         x_TD = args[0]
-        collected.append(x_TD.float() @ gate.weight.float().t())
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):  # fp32, as the router scores
+            collected.append(x_TD.float() @ gate.weight.float().t())
         raise _StopForward
 
     handle = router.register_forward_pre_hook(collect)

@@ -143,3 +143,12 @@ def test_calibrated_moevit_small_routes_random_inputs_evenly_from_the_start():
     worst_after = max(r.busiest_over_mean() for r in after.values())
     assert worst_before > 1.5, worst_before  # measured 1.6-1.8 at 16 images
     assert worst_after <= 1.3, worst_after
+
+
+def test_calibration_runs_under_the_runs_bf16_autocast():
+    torch.manual_seed(0)
+    model = create_model("moevit_debug", tasks=["a"])
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = calibrate_task(model, "a", [images], torch.device("cpu"), torch.bfloat16)
+    assert all(result.after[layer] <= result.before[layer] for layer in result.after)
+    assert all(router.gates["a"].selection_bias.dtype == torch.float32 for _, router in model.routers())
