@@ -12,7 +12,7 @@ input kind of each of `--batch` sizes (the first N of the same images):
   size), through the real evaluation transform (timm's resize + centre crop to the model's size, ImageNet
   normalisation).
 
-Prints one line per (start, gate init, inputs) with the ratio of every MoE layer (1.0: even; E/K: every
+Prints one line per (start, gate init, inputs, batch) with the ratio of every MoE layer (1.0: even; E/K: every
 token on the same K experts) and the worst one. Not a test: tests/unit/test_initial_routing.py asserts.
 
     PYTHONPATH=. python benchmarks/initial_routing.py --model moevit_small --batch 8,64,128 --calib 512 [--json OUT]

@@ -14,16 +14,18 @@ invariant to the gate's scale, so the std sets how soft the start is, not how ba
 the init gives depends on the data; measured in docs/model.md, "Initial routing"). Optionally,
 in training mode only, the router input is multiplied by noise uniform in [1 - jitter, 1 + jitter]
 (Switch Transformer's input jitter), drawn from torch's default generator, which training seeds and
-checkpoints; evaluation never jitters. The experts see the input unjittered.
+checkpoints; evaluation never jitters. The experts see the input unjittered. What the init cannot do,
+balance tokens that share a component, a per-expert selection bias does: added to the logits for the
+top-k choice only, zeros until a training run calibrates it before step 1 (moevit.train.router_calibration).
 
 The k selected probabilities are renormalised to sum to one. Consequence the pruner relies on:
 dropping an expert that a token did not select leaves that token's output unchanged. To make that
 hold bit for bit, not only mathematically, each expert's logit is its own matrix-vector product (a
 matmul over all E gate rows picks kernels by E, so its columns change in the last bit when rows are
-removed), top-k selects on the logits, and the weights are the softmax over the k selected logits
-(equal to the renormalised probabilities, without the full softmax's denominator). (With
-k = 1 the renormalised weight is always 1, so the gate learns only from the auxiliary losses;
-use k >= 2 when the task loss should shape routing.)
+removed), top-k selects on the logits plus each expert's own selection bias, and the weights are the
+softmax over the k selected logits (equal to the renormalised probabilities, without the full
+softmax's denominator). (With k = 1 the renormalised weight is always 1, so the gate learns only from
+the auxiliary losses; use k >= 2 when the task loss should shape routing.)
 
 A task may be restricted to the first n experts of the layer (`task_experts`; continual learning,
 moevit.continual): its gate has n rows, so its logits, top-k choices and weights are those of a layer
