@@ -141,7 +141,8 @@ def test_calibrated_moevit_small_routes_random_inputs_evenly_from_the_start():
         after = model.forward_backbone(held_out, "probe").routing
     worst_before = max(r.busiest_over_mean() for r in before.values())
     worst_after = max(r.busiest_over_mean() for r in after.values())
-    assert worst_before > 1.5, worst_before  # measured 1.6-1.8 at 16 images
+    # Measured 2026-12-07: worst layer 1.61 before (layers 1.16 to 1.61), 1.13 after (1.08 to 1.13).
+    assert worst_before > 1.5, worst_before
     assert worst_after <= 1.3, worst_after
 
 
