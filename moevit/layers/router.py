@@ -93,6 +93,13 @@ def busiest_over_mean(counts_E: torch.Tensor, num_routable: int | None = None) -
     return counts.max().item() * counts.shape[0] / total if total else 0.0
 
 
+def selection_counts(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(E,) int64: how many of the tokens' top-k slots each expert takes when `bias_E` is added to the
+    logits for the choice (what the router's forward counts as `counts_E`)."""
+    chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
+    return torch.bincount(chosen.flatten(), minlength=logits_TE.shape[1])
+
+
 def fit_selection_bias(logits_TE: torch.Tensor, top_k: int, iterations: int = 300) -> torch.Tensor:
     """Per-expert offsets (E,) that, added to `logits_TE` for the top-k choice, give every expert about
     the same number of the T tokens' K slots.
@@ -113,8 +120,7 @@ def fit_selection_bias(logits_TE: torch.Tensor, top_k: int, iterations: int = 30
     step = 0.1 * logits_TE.std().item()
     decay = 0.05 ** (1 / max(iterations - 1, 1))
     for _ in range(iterations):
-        chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
-        load_E = torch.bincount(chosen.flatten(), minlength=num_experts).float()
+        load_E = selection_counts(logits_TE, bias_E, top_k).float()
         bias_E -= step * (load_E / even_share - 1).clamp(-1, 1)
         step *= decay
     return bias_E - bias_E.mean()

@@ -141,7 +141,7 @@ def run_training(
             cfg.train.router_calibration_images,
             cfg.seed,
             device,
-            resolve_precision(cfg, cuda=device.type == "cuda"),
+            resolve_precision(cfg),  # the autocast training runs under
         )
 
     last = cfg.train.steps

@@ -34,7 +34,7 @@ from torch import nn
 from moevit.data.multitask import MultiTaskLoader
 from moevit.data.seeding import derive_seed, seeded_rngs
 from moevit.eval.evaluate import compute_autocast
-from moevit.layers.router import TaskRouter, busiest_over_mean, fit_selection_bias
+from moevit.layers.router import TaskRouter, busiest_over_mean, fit_selection_bias, selection_counts
 from moevit.parallel.collectives import broadcast_from_main
 
 # Tokens per layer the bias is fitted on (at most): the demo's 512 images of 65 to 145 tokens are all used.
@@ -139,8 +139,9 @@ def calibrate_task(
             logits_TE = logits_TE[:: -(-logits_TE.shape[0] // FIT_TOKENS)]
             top_k = min(router.top_k, logits_TE.shape[1])
             bias_E = fit_selection_bias(logits_TE, top_k)
-            result.before[layer] = _load_ratio(logits_TE, gate.selection_bias.float(), top_k)
-            result.after[layer] = _load_ratio(logits_TE, bias_E, top_k)
+            before_E = selection_counts(logits_TE, gate.selection_bias.float(), top_k)
+            result.before[layer] = busiest_over_mean(before_E)
+            result.after[layer] = busiest_over_mean(selection_counts(logits_TE, bias_E, top_k))
             gate.selection_bias.copy_(bias_E.to(gate.selection_bias))
     finally:
         backbone.train(was_training)
@@ -177,11 +178,6 @@ def calibrate_routing(
     ]
     _agree_over_ranks(model.backbone, tasks)
     return results
-
-
-def _load_ratio(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> float:
-    chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
-    return busiest_over_mean(torch.bincount(chosen.flatten(), minlength=logits_TE.shape[1]))
 
 
 def _agree_over_ranks(backbone: nn.Module, tasks: list[str]) -> None:

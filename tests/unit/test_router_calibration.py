@@ -14,7 +14,13 @@ from moevit.artifacts.init import fit_state
 from moevit.config import build_config
 from moevit.config.schema import Config
 from moevit.factory import build_model
-from moevit.layers.router import TaskRouter, busiest_over_mean, expert_logits, fit_selection_bias
+from moevit.layers.router import (
+    TaskRouter,
+    busiest_over_mean,
+    expert_logits,
+    fit_selection_bias,
+    selection_counts,
+)
 from moevit.models import create_model
 from moevit.models.param_names import parse_key, with_task
 from moevit.train.loader import build_train_loader
@@ -22,8 +28,7 @@ from moevit.train.router_calibration import calibrate_routing, calibrate_task, c
 
 
 def load_of(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> float:
-    chosen = (logits_TE + bias_E).topk(top_k, dim=-1).indices
-    return busiest_over_mean(torch.bincount(chosen.flatten(), minlength=logits_TE.shape[1]))
+    return busiest_over_mean(selection_counts(logits_TE, bias_E, top_k))
 
 
 def test_the_fit_evens_a_load_that_a_shared_component_skews():
